@@ -1,0 +1,103 @@
+"""What every lowbit method shares on the transformers side: config validation and the quantizer."""
+import logging
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import integration
+
+logger = logging.getLogger(__name__)
+
+
+class LowbitConfig(QuantizationConfigMixin):
+    """Base for lowbit configs: declarative fields, validated in `__init__` so bad input fails before any work.
+
+    Subclasses set `quant_method` and list their fields in `_fields` (name -> default)."""
+
+    quant_method: str
+    _fields: dict = {}
+
+    def __init__(self, **kwargs):
+        kwargs.pop("quant_method", None)  # written by to_dict(), read back by from_dict()
+        unknown = sorted(set(kwargs) - set(self._fields))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} got unknown parameter(s) {unknown}; "
+                             f"allowed: {sorted(self._fields)}")
+        for name, default in self._fields.items():
+            value = kwargs.get(name, default)
+            setattr(self, name, list(value) if isinstance(value, tuple) else value)
+        self.quant_method = type(self).quant_method
+        self.validate()
+
+    def validate(self):
+        mods = self.modules_to_not_convert
+        if mods is not None and (not isinstance(mods, list) or not all(isinstance(m, str) for m in mods)):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {mods!r}")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """Per-tensor weight quantization on load, native reload of the packed tensors.
+
+    Quantize on load: the model is built on meta with QuantLinear modules that keep a placeholder
+    `weight`; each fp weight is quantized as it streams in, so the fp model never sits in memory.
+    Reload: the same modules are built from the config alone and the packed tensors load by name."""
+
+    requires_calibration = False
+    solver = "hqq"
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.dtype = torch.bfloat16
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+    def update_dtype(self, dtype):
+        if dtype is None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            dtype = torch.bfloat16
+        self.dtype = dtype
+        return dtype
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized or not param_name.endswith(".weight"):
+            return False
+        from .modules import QuantLinear
+
+        module = model.get_submodule(param_name.rpartition(".")[0])
+        return isinstance(module, QuantLinear) and getattr(module, "weight", None) is not None
+
+    def get_quantize_ops(self):
+        return integration.load_time_quantize_op(self)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        names = integration.linears_to_quantize(model, cfg.modules_to_not_convert)
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize "
+                             f"(modules_to_not_convert={cfg.modules_to_not_convert})")
+        integration.replace_with_quant_linear(model, names, cfg.bits, cfg.group_size, self.dtype,
+                                              with_placeholder=not self.pre_quantized)
+        if self.pre_quantized:
+            integration.verify_checkpoint(model, checkpoint_files)
+        logger.info("lowbit: %d linear layers -> %s", len(names), cfg.quant_method)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for _, module in integration.quant_linears(model):
+            if getattr(module, "weight", None) is not None:
+                raise RuntimeError(f"{module} never received its weight: the checkpoint lacks it")
+            module.prepare_runtime()
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        return integration.dequantize_model(model, dtype or self.dtype)

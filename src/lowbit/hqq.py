@@ -1,0 +1,28 @@
+"""HQQ: calibration-free half-quadratic weight-only quantization (2/3/4/8 bits)."""
+from .base import LowbitConfig, LowbitHfQuantizer, check_choice
+from .packing import SUPPORTED_BITS
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class HqqConfig(LowbitConfig):
+    """Weight-only HQQ. `group_size` input channels share a scale and an offset; rows whose width is
+    not a multiple of it are zero-padded to one (see `lowbit.quantize`), so every Linear is quantized.
+
+    Args:
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64, 128 or 256.
+        modules_to_not_convert: module names (or regexes, transformers' rules) kept in the compute dtype.
+    """
+
+    quant_method = "lowbit_hqq"
+    _fields = {"bits": 4, "group_size": 64, "modules_to_not_convert": ["lm_head"]}
+
+    def validate(self):
+        super().validate()
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+
+
+class HqqHfQuantizer(LowbitHfQuantizer):
+    solver = "hqq"

@@ -1,0 +1,132 @@
+"""Module swap and load-time plumbing shared by every lowbit method (transformers' integrations/ role)."""
+import json
+import logging
+import struct
+
+import torch
+from torch import nn
+
+from .modules import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def linears_to_quantize(model: nn.Module, modules_to_not_convert) -> list[str]:
+    """Names of the nn.Linear modules a config targets: a pure function of the model's structure and
+    config, so quantize time and reload time agree. A head tied to the input embeddings is never
+    quantized (that would store the matrix twice)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = list(modules_to_not_convert or [])
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config, "tie_word_embeddings", False) if hasattr(model, "config") else False
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not should_convert_module(name, skip):
+            continue
+        if tied and module is out_emb:
+            continue
+        names.append(name)
+    return names
+
+
+def replace_with_quant_linear(model: nn.Module, names, bits: int, group_size: int, dtype: torch.dtype,
+                              with_placeholder: bool) -> None:
+    """Swap the named nn.Linear modules for empty QuantLinear modules on the meta device.
+
+    `with_placeholder` keeps a meta `weight` Parameter so the loader routes the fp checkpoint weight
+    to the quantize-on-load op (a checkpoint key only loads if the meta model has that name)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        with torch.device("meta"):
+            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
+                            dtype=dtype)
+            if with_placeholder:
+                q.weight = nn.Parameter(torch.empty(linear.out_features, linear.in_features, dtype=dtype),
+                                        requires_grad=False)
+        setattr(parent, child, q)
+
+
+def quant_linears(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def _safetensors_header(path: str) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise OSError(f"{path} is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        header = json.loads(f.read(n))
+        f.seek(0, 2)
+        size = f.tell()
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise OSError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+_ST_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def verify_checkpoint(model: nn.Module, checkpoint_files) -> None:
+    """Fail loudly, before loading, if a lowbit checkpoint lacks a quantized tensor or has a wrong shape.
+
+    transformers only warns about missing or mismatched keys and fills them with random values."""
+    files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+    if not files:
+        return
+    header = {}
+    for f in files:
+        header.update(_safetensors_header(str(f)))
+    for name, module in quant_linears(model):
+        for buf in ("qweight", "scale_offset"):
+            key = f"{name}.{buf}"
+            expected = getattr(module, buf)
+            if key not in header:
+                raise ValueError(f"lowbit checkpoint is missing tensor {key!r} (expected {expected.dtype} "
+                                 f"{list(expected.shape)}): the checkpoint is incomplete or was tampered with")
+            entry = header[key]
+            if entry["shape"] != list(expected.shape) or (buf == "qweight" and entry["dtype"] != "U8"):
+                raise ValueError(f"lowbit checkpoint tensor {key!r} is {entry['dtype']} {entry['shape']}, expected "
+                                 f"{expected.dtype} {list(expected.shape)} for this quantization config")
+
+
+def load_time_quantize_op(hf_quantizer):
+    """The ConversionOps that quantizes one fp weight as it streams in (imported lazily: transformers'
+    core_model_loading must not be imported while transformers registers quantizers)."""
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.quantizers_utils import get_module_from_name
+
+    class QuantizeOnLoad(ConversionOps):
+        def __init__(self, quantizer):
+            self.hf_quantizer = quantizer
+
+        def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+            value = next(iter(input_dict.values()))
+            weight = value[0] if isinstance(value, list) else value
+            module, _ = get_module_from_name(model, full_layer_name)
+            tensors = module.quantized_tensors(weight, solver=self.hf_quantizer.solver)
+            del module.weight
+            if missing_keys is not None:
+                missing_keys.discard(full_layer_name)
+            prefix = full_layer_name.rpartition(".")[0]
+            return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+    return QuantizeOnLoad(hf_quantizer)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    for name, module in quant_linears(model):
+        parent_name, _, child = name.rpartition(".")
+        w = module.dequantize_weight(dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=w.device, dtype=dtype)
+        linear.weight.data = w
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.to(dtype)
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model

@@ -1,0 +1,101 @@
+"""`QuantLinear`: the quantized linear layer that stores packed low-bit weights.
+
+Persistent buffers (what the checkpoint holds, see `packing` and `quantize` for the formats):
+- `qweight`      uint8 [out, in_pad * bits / 8], codes packed along the input dimension
+- `scale_offset` compute dtype [in_pad / group_size, out, 2]
+- `bias`         compute dtype [out] (optional)
+On CPU, `prepare_runtime()` repacks `qweight` once into the layout of torch's int4 kernel (2/3-bit
+codes are widened to 4 bits in memory for it); `state_dict()` always emits the portable layout.
+"""
+import torch
+from torch import nn
+
+from . import kernels, packing
+from .quantize import dequantize, padded_in_features, quantize_hqq, quantize_rtn
+
+SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn}
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.padded_in_features = padded_in_features(in_features, group_size)
+        width = packing.packed_width(self.padded_in_features, bits)
+        groups = self.padded_in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, width, dtype=torch.uint8, device=device))
+        self.register_buffer("scale_offset", torch.empty(groups, out_features, 2, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.bias = None
+        self.layout = "packed"  # or "int4_cpu" once prepare_runtime() ran on CPU
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, solver: str = "hqq",
+                    dtype: torch.dtype | None = None) -> "QuantLinear":
+        dtype = dtype or linear.weight.dtype
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
+                     dtype=dtype, device=linear.weight.device)
+        for name, tensor in module.quantized_tensors(linear.weight.data, solver).items():
+            setattr(module, name, tensor)
+        if linear.bias is not None:
+            module.bias.data = linear.bias.data.to(dtype)
+        return module.prepare_runtime()
+
+    def quantized_tensors(self, weight: torch.Tensor, solver: str = "hqq") -> dict:
+        """The persistent buffers for `weight` (what quantize-on-load hands to the loader)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit "
+                             f"QuantLinear({self.in_features}, {self.out_features})")
+        codes, scale_offset = SOLVERS[solver](weight, self.bits, self.group_size)
+        return {"qweight": packing.pack(codes, self.bits),
+                "scale_offset": scale_offset.to(self.scale_offset.dtype)}
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked uint8 codes [out, in_pad], whatever the current layout."""
+        if self.layout == "int4_cpu":
+            codes = kernels.from_int4_cpu_layout(self.qweight, self.out_features, self.padded_in_features)
+            return codes - (8 - 2 ** (self.bits - 1))
+        return packing.unpack(self.qweight, self.bits)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.codes(), self.scale_offset, self.bits, self.in_features, dtype)
+
+    @torch.no_grad()
+    def prepare_runtime(self) -> "QuantLinear":
+        """Repack for torch's CPU int4 kernel when this layer lives on CPU and the kernel fits."""
+        if (self.layout == "packed" and self.qweight.device.type == "cpu" and self.bits <= 4
+                and kernels.int4_cpu_supported(self.out_features, self.padded_in_features, self.group_size)):
+            codes = packing.unpack(self.qweight, self.bits) + (8 - 2 ** (self.bits - 1))
+            self.qweight = kernels.to_int4_cpu_layout(codes)
+            self.layout = "int4_cpu"
+        return self
+
+    @torch.no_grad()
+    def _to_packed_layout(self):
+        codes = self.codes()
+        self.qweight = packing.pack(codes.to(self.qweight.device), self.bits)
+        self.layout = "packed"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "int4_cpu":
+            if x.device.type == "cpu":
+                y = kernels.int4_cpu_linear(x, self.qweight, self.group_size, self.scale_offset,
+                                            self.padded_in_features)
+                y = y.to(x.dtype)
+                return y + self.bias if self.bias is not None else y
+            self._to_packed_layout()  # the module was moved off the CPU
+        w = self.dequantize_weight(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "int4_cpu":
+            destination[prefix + "qweight"] = packing.pack(self.codes(), self.bits)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}, layout={self.layout}")

@@ -1,0 +1,49 @@
+"""Bit packing of unsigned integer codes along the last dimension: the on-disk layout.
+
+Layout (little-endian within a byte, codes in row-major order):
+- 8 bits: one code per byte.
+- 4 bits: two codes per byte, code 2i in the low nibble, code 2i+1 in the high nibble.
+- 2 bits: four codes per byte, code 4i+j in bits 2j..2j+1.
+- 3 bits: eight codes in three bytes, code 8i+j in bits 3j..3j+2 of the 24-bit little-endian word.
+The last dimension must be a multiple of 8 (lowbit pads rows to a multiple of the group size).
+"""
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes per row holding `n` codes of `bits` bits."""
+    if n % 8:
+        raise ValueError(f"rows to pack must be a multiple of 8 codes, got {n}")
+    return n * bits // 8
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] with values < 2**bits -> packed uint8 [..., n*bits/8]."""
+    packed_width(codes.shape[-1], bits)
+    c = codes.to(torch.int32)
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_word = 8 if bits == 3 else 8 // bits  # codes per little-endian word of `bits*per_word` bits
+    c = c.reshape(*c.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=c.device) * bits
+    word = (c << shifts).sum(-1, dtype=torch.int32)
+    nbytes = bits * per_word // 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=c.device) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack`: packed uint8 [..., m] -> uint8 codes [..., m*8/bits]."""
+    if bits == 8:
+        return packed
+    per_word = 8 if bits == 3 else 8 // bits
+    nbytes = bits * per_word // 8
+    b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8
+    word = (b << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = torch.arange(per_word, dtype=torch.int32, device=b.device) * bits
+    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)

@@ -1,0 +1,105 @@
+"""Affine group quantization of weight matrices: the one group quantizer every method shares.
+
+A weight W [out, in] is zero-padded on the right to `padded_in_features(in, group_size)` columns, so
+groups never straddle rows and any in_features works (the pad is a pure function of the shape and
+the group size, applied identically when quantizing and when reloading; padded inputs are zero at run
+time, so the pad never changes a result). Each group of `group_size` consecutive input channels of a
+row has a scale and an offset:
+
+    w ≈ (q - 2**(bits-1)) * scale + offset,   q in [0, 2**bits - 1]
+
+stored as `scale_offset` [groups, out, 2], the layout torch's int4 kernels read directly.
+"""
+import torch
+
+from .packing import SUPPORTED_BITS
+
+
+def padded_in_features(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size) * group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] float -> zero-padded [out, groups, group_size] float32."""
+    pad = padded_in_features(w.shape[1], group_size) - w.shape[1]
+    w = torch.nn.functional.pad(w.float(), (0, pad))
+    return w.view(w.shape[0], -1, group_size)
+
+
+def _valid_mask(in_features: int, group_size: int, device) -> torch.Tensor:
+    """[groups, group_size] True where a column is a real input channel, False where it is padding."""
+    cols = torch.arange(padded_in_features(in_features, group_size), device=device)
+    return (cols < in_features).view(-1, group_size)
+
+
+def _finish(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """[out, groups, g] codes, [out, groups] scale/offset -> (uint8 codes [out, in_pad], [groups, out, 2])."""
+    codes = q.reshape(q.shape[0], -1).to(torch.uint8)
+    scale_offset = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous()
+    return codes, scale_offset
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
+    """Plain round-to-nearest on the min/max grid of each group (the baseline)."""
+    _check(bits, group_size)
+    mask = _valid_mask(w.shape[1], group_size, w.device)
+    g = _grouped(w, group_size)
+    lo = g.masked_fill(~mask, float("inf")).amin(-1)
+    hi = g.masked_fill(~mask, float("-inf")).amax(-1)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, qmax)
+    offset = lo + 2 ** (bits - 1) * scale
+    return _finish(q, scale, offset)
+
+
+def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
+    """Half-quadratic quantization: hqq's proximal solver picks the codes and zero points, then a
+    closed-form least-squares fit of scale and offset per group (over real, unpadded channels)
+    minimises ‖W - Ŵ‖² for those codes, which can only lower the error of hqq's own result."""
+    from hqq.core.quantize import Quantizer
+
+    _check(bits, group_size)
+    out, in_features = w.shape
+    mask = _valid_mask(in_features, group_size, w.device).float()
+    g = _grouped(w, group_size)
+    q, meta = Quantizer.quantize(
+        g.reshape(-1, group_size), nbits=bits, group_size=group_size, axis=1, optimize=True,
+        bitpack=False, device=w.device,
+    )
+    q = q.view_as(g)
+    t = q - 2 ** (bits - 1)
+    # hqq's form (q - z) * s, rewritten as (q - mid) * s + o
+    s0 = meta["scale"].view(out, -1).float()
+    o0 = (2 ** (bits - 1) - meta["zero"].view(out, -1).float()) * s0
+    n = mask.sum(-1)
+    t_mean = (t * mask).sum(-1) / n
+    w_mean = (g * mask).sum(-1) / n
+    dt = (t - t_mean.unsqueeze(-1)) * mask
+    var = (dt * dt).sum(-1)
+    cov = (dt * (g - w_mean.unsqueeze(-1))).sum(-1)
+    scale = torch.where(var > 0, cov / var.clamp_min(1e-12), s0)
+    offset = w_mean - scale * t_mean
+    # keep hqq's fit wherever the refit would not be an improvement (e.g. rounding in degenerate groups)
+    err_new = (((t * scale.unsqueeze(-1) + offset.unsqueeze(-1)) - g) ** 2 * mask).sum(-1)
+    err_old = (((t * s0.unsqueeze(-1) + o0.unsqueeze(-1)) - g) ** 2 * mask).sum(-1)
+    better = err_new <= err_old
+    return _finish(q, torch.where(better, scale, s0), torch.where(better, offset, o0))
+
+
+def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_features: int,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 codes [out, in_pad] + scale_offset [groups, out, 2] -> W [out, in_features]."""
+    dtype = dtype or scale_offset.dtype
+    groups = scale_offset.shape[0]
+    so = scale_offset.to(dtype).transpose(0, 1)  # [out, groups, 2]
+    t = (codes.to(dtype) - 2 ** (bits - 1)).view(codes.shape[0], groups, -1)
+    w = t * so[..., :1] + so[..., 1:]
+    return w.reshape(codes.shape[0], -1)[:, :in_features]
+
+
+def _check(bits, group_size):
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
