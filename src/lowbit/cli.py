@@ -1,0 +1,74 @@
+"""`lowbit` command line: `lowbit quantize ...`."""
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+METHOD_CHOICES = ("hqq",)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit quantization for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model into a folder that from_pretrained reloads natively")
+    q.add_argument("--method", required=True, choices=METHOD_CHOICES)
+    q.add_argument("--src", required=True, help="local model folder or Hugging Face Hub repo id")
+    q.add_argument("--dst", help="output folder (default: ./<src name>-<tag>, e.g. ./model-HQQ_w4_g64_headfp16)")
+    q.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, default=64, help="input channels per scale/offset (default 64)")
+    q.add_argument("--keep-lm-head-fp16", action="store_true",
+                   help="keep the output head unquantized (a head tied to the embeddings always is)")
+    q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
+    q.add_argument("--seed", type=int, default=13)
+    q.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    return parser
+
+
+def _config(args):
+    from .hqq import HqqConfig
+
+    keep_head = ["lm_head"] if args.keep_lm_head_fp16 else []
+    return HqqConfig(bits=args.bits, group_size=args.group_size, modules_to_not_convert=keep_head)
+
+
+def quantize_command(args) -> int:
+    import torch
+
+    from . import export
+
+    config = _config(args)  # validates every setting before any work
+    if not export.source_exists(args.src):
+        raise FileNotFoundError(f"--src {args.src!r}: no model folder with a config.json there, and no such Hub repo")
+    head_kept = args.keep_lm_head_fp16 or export.head_is_tied(args.src)
+    dst = args.dst or os.path.join(
+        ".", f"{os.path.basename(os.path.normpath(args.src))}-{export.naming_tag(config, head_kept)}")
+    if os.path.exists(dst) and not args.overwrite:
+        raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it")
+    meta = export.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),
+                                     overwrite=args.overwrite, seed=args.seed,
+                                     command="lowbit " + shlex.join(sys.argv[1:]))
+    if not args.quiet:
+        print(export.summary(meta, dst))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return {"quantize": quantize_command}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from lowbit import QuantLinear
+
+
+def _layer(n, k, bits, g, bias=True):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    return QuantLinear.from_linear(lin, bits, g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,g", [(64, 128, 64), (48, 96, 32), (32, 172, 64), (64, 576, 128)])
+def test_int4_cpu_kernel_matches_dequantize_path(bits, n, k, g):
+    layer = _layer(n, k, bits, g)
+    assert layer.layout == "int4_cpu"
+    x = torch.randn(5, k, dtype=torch.bfloat16)
+    y_kernel = layer(x).float()
+    w = layer.dequantize_weight(torch.float32)
+    y_ref = x.float() @ w.T + layer.bias.float()
+    # the kernel accumulates in fp32 and rounds the output to bf16
+    assert torch.allclose(y_kernel, y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
+
+
+def test_state_dict_is_the_portable_layout_and_reloads_bit_identical():
+    layer = _layer(64, 172, 3, 64)
+    sd = layer.state_dict()
+    assert sd["qweight"].shape == (64, 192 * 3 // 8)
+    fresh = QuantLinear(172, 64, True, 3, 64)
+    fresh.load_state_dict(sd)
+    assert fresh.layout == "packed"
+    x = torch.randn(2, 172, dtype=torch.bfloat16)
+    y_dequant_path = fresh(x)
+    assert torch.equal(fresh.prepare_runtime()(x), layer(x))
+    assert torch.allclose(y_dequant_path.float(), layer(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_layers_the_kernel_cannot_take_use_the_dequantize_path():
+    layer = _layer(40, 64, 4, 32)  # out_features not a multiple of 16
+    assert layer.layout == "packed"
+    layer8 = _layer(64, 64, 8, 32)
+    assert layer8.layout == "packed"
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer8(x), torch.nn.functional.linear(x, layer8.dequantize_weight(x.dtype), layer8.bias))
+
+
+def test_leaving_the_cpu_layout_keeps_the_weights():
+    layer = _layer(64, 128, 4, 64)
+    w = layer.dequantize_weight()
+    layer._to_packed_layout()
+    assert torch.equal(layer.dequantize_weight(), w)
