@@ -1,0 +1,21 @@
+"""The installed .pth hook: cheap at start-up, registers lowbit when transformers' quantizers load."""
+from conftest import run_python
+
+
+def test_interpreter_start_imports_neither_torch_nor_transformers():
+    res = run_python("import json, sys; print(json.dumps({m: m in sys.modules for m in "
+                     "('torch', 'transformers', 'lowbit', '_lowbit_autoregister')}))")
+    assert res == {"torch": False, "transformers": False, "lowbit": False, "_lowbit_autoregister": True}
+
+
+def test_importing_transformers_quantizers_registers_lowbit():
+    res = run_python("import json\nfrom transformers.quantizers import auto\n"
+                     "print(json.dumps({'config': auto.AUTO_QUANTIZATION_CONFIG_MAPPING['lowbit_hqq'].__name__,"
+                     " 'quantizer': auto.AUTO_QUANTIZER_MAPPING['lowbit_hqq'].__name__}))")
+    assert res == {"config": "HqqConfig", "quantizer": "HqqHfQuantizer"}
+
+
+def test_import_lowbit_after_transformers_registers_once():
+    res = run_python("import json\nfrom transformers.quantizers import auto\nimport lowbit\nlowbit.register_all()\n"
+                     "print(json.dumps(sorted(k for k in auto.AUTO_QUANTIZER_MAPPING if k.startswith('lowbit'))))")
+    assert res == ["lowbit_hqq"]
