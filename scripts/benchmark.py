@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""One comparison run: every method on the same models, side by side, in one run.
+
+    python scripts/benchmark.py --models smollm2-135m qwen2.5-0.5b --out results/
+
+Methods (`--methods`, default: all of these at bits 4/3 and groups 64/128):
+  bf16                  the unquantized baseline
+  lowbit-hqq-w4g64      lowbit.HqqConfig(bits=4, group_size=64), quantized on load
+  hqq-w4g64             the `hqq` package's own HQQLinear, same settings (pytorch backend)
+  rtn-w4g64             plain round-to-nearest into lowbit's packed format
+The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
+is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
+cell, and a cell already there is not recomputed (delete it, or pass --redo, to measure again).
+Writes results/results.json, results/results.md and results/*.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS_DIR = Path(os.environ.get("LOWBIT_MODELS", Path.home() / ".cache" / "lowbit-models"))
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / \
+    "wikitext-2-raw-v1.test.rows.json"
+DEFAULT_METHODS = ["bf16"] + [f"{m}-w{b}g{g}" for m in ("lowbit-hqq", "hqq", "rtn") for b in (4, 3) for g in (64, 128)]
+
+
+def parse_method(spec: str):
+    if spec == "bf16":
+        return "bf16", None, None
+    name, _, wg = spec.rpartition("-")
+    if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
+        raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG or rtn-wBgG")
+    bits, group = wg[1:].split("g")
+    return name, int(bits), int(group)
+
+
+def resolve_model(name: str) -> Path:
+    path = Path(name) if Path(name).exists() else MODELS_DIR / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--models: {name!r} not found (run ../shared/bin/get-models, or pass a folder)")
+    return path
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """Samples RssAnon every few ms: the peak of memory the process allocated, without the pages of
+    the memory-mapped source checkpoint (VmHWM counts those, and a fp32 source is 2x a bf16 model)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = self.start = _rss_kib("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_kib("RssAnon"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_kib("RssAnon"))
+
+
+def run_cell(model_name: str, spec: str, args) -> dict:
+    """Runs inside the per-cell process."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lowbit
+    from lowbit import evaluate
+    torch.manual_seed(0)
+    path = resolve_model(model_name)
+    method, bits, group = parse_method(spec)
+    rss_before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    with AnonPeak() as anon:
+        if method == "lowbit-hqq":
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.bfloat16, quantization_config=lowbit.HqqConfig(bits=bits, group_size=group))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            if method != "bf16":
+                _swap_linears(model, method, bits, group)
+    quant_s = time.perf_counter() - start
+    peak_rss = _rss_kib("VmHWM")
+    model.eval()
+    bf16_bytes = _bf16_bytes(model, path)
+
+    result = {"model": model_name, "method": method, "bits": bits, "group_size": group, "spec": spec,
+              "load_quantize_s": quant_s, "peak_rss_increase_bytes": (peak_rss - rss_before) * 1024,
+              "peak_anon_rss_increase_bytes": (anon.peak - anon.start) * 1024,
+              "bf16_model_bytes": bf16_bytes}
+    if method == "hqq":
+        result["memory_bytes"], result["bits_per_weight"] = _hqq_sizes(model)
+        result["checkpoint_bytes"] = None
+    else:
+        sizes = evaluate.weight_bytes(model)
+        result["memory_bytes"] = sizes["memory_bytes"]
+        result["bits_per_weight"] = sizes["bits_per_weight"] if method != "bf16" else 16.0
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+
+    tok = AutoTokenizer.from_pretrained(path)
+    text = evaluate.wikitext2_test_text(str(args.ppl_data))
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    result["ppl"] = evaluate.perplexity(model, ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                                        progress=False)
+    result["speed"] = evaluate.decode_speed(model, new_tokens=args.new_tokens, repeats=args.repeats)
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def _bf16_bytes(model, path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+
+    with torch.device("meta"):
+        fp = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in fp.parameters()) * 2
+
+
+def _swap_linears(model, method, bits, group):
+    import torch
+    from lowbit.modules import QuantLinear
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        if method == "rtn":
+            new = QuantLinear.from_linear(module, bits, group, solver="rtn")
+        else:
+            from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+            new = HQQLinear(module, BaseQuantizeConfig(nbits=bits, group_size=group, axis=1),
+                            compute_dtype=torch.bfloat16, device="cpu")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
+def _hqq_sizes(model):
+    """hqq keeps scales/zeros in a `meta` dict that get_memory_footprint() does not see: count them."""
+    import torch
+    from hqq.core.quantize import HQQLinear
+
+    total = model.get_memory_footprint()
+    packed = linear_numel = 0
+    for m in model.modules():
+        if isinstance(m, HQQLinear):
+            linear_numel += m.in_features * m.out_features
+            extra = sum(t.numel() * t.element_size() for t in m.meta.values() if isinstance(t, torch.Tensor))
+            packed += m.W_q.numel() * m.W_q.element_size() + extra
+            total += extra
+    return total, 8 * packed / linear_numel
+
+
+# ---------------------------------------------------------------- report
+
+def _mib(n):
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def write_report(results: dict, out: Path, args) -> None:
+    rows = ["| model | method | bits/weight | ppl | decode tok/s (x bf16) | prefill tok/s | load+quantize s "
+            "| checkpoint MiB (x bf16) | memory MiB | peak RSS increase: allocated / incl. mmapped source (x bf16 size) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in results.values()}):
+        cells = [r for r in results.values() if r["model"] == model]
+        base = next((r for r in cells if r.get("method") == "bf16" and "error" not in r), None)
+        for r in sorted(cells, key=lambda r: (r["spec"] != "bf16", r["spec"])):
+            if "error" in r:
+                rows.append(f"| {model} | {r['spec']} | failed: {r['error'][:80]} |||||||")
+                continue
+            dec = r["speed"]["decode_tok_s"]
+            ratio = f" ({dec / base['speed']['decode_tok_s']:.2f}x)" if base else ""
+            ck = r["checkpoint_bytes"]
+            ck_ratio = f" ({ck / base['checkpoint_bytes']:.3f}x)" if base and ck else ""
+            rss = r["peak_rss_increase_bytes"] / r["bf16_model_bytes"]
+            anon = r["peak_anon_rss_increase_bytes"] / r["bf16_model_bytes"]
+            rows.append(f"| {model} | {r['spec']} | {r['bits_per_weight']:.2f} | {r['ppl']['ppl']:.2f} | "
+                        f"{dec:.1f}{ratio} | {r['speed']['prefill_tok_s']:.0f} | {r['load_quantize_s']:.1f} | "
+                        f"{_mib(ck)}{ck_ratio} | {_mib(r['memory_bytes'])} | {anon:.2f}x / {rss:.2f}x |")
+    any_r = next((r for r in results.values() if "ppl" in r), None)
+    proto = (f"WikiText-2 test (rows joined with \"\\n\\n\"), {any_r['ppl']['windows']} non-overlapping windows of "
+             f"{any_r['ppl']['seqlen']} tokens ({any_r['ppl']['tokens_scored']} tokens scored)") if any_r else ""
+    speed = (f"greedy decode at batch 1, {any_r['speed']['new_tokens']} new tokens after a "
+             f"{any_r['speed']['prompt_len']}-token prompt, median of {any_r['speed']['repeats']}, "
+             f"{any_r['torch_threads']} CPU threads") if any_r else ""
+    md = "\n".join(rows) + f"\n\nPerplexity: {proto}. Speed: {speed}. lm_head in bf16 everywhere.\n"
+    (out / "results.md").write_text(md)
+    _plots(results, out)
+
+
+def _plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results.values() if "error" not in r]
+    models = sorted({r["model"] for r in ok})
+    if not models:
+        return
+    colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green"}
+    for key, label, fname, log in (("ppl", "WikiText-2 perplexity", "ppl_vs_bpw.png", True),
+                                   ("decode", "decode tokens/s (batch 1)", "decode_vs_bpw.png", False)):
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for method, color in colors.items():
+                pts = sorted((r["bits_per_weight"], r["ppl"]["ppl"] if key == "ppl" else r["speed"]["decode_tok_s"],
+                              r["spec"]) for r in ok if r["model"] == model and r["method"] == method)
+                if not pts:
+                    continue
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=method)
+                for x, y, spec in pts:
+                    ax.annotate(spec.rpartition("-")[2] if method != "bf16" else "bf16", (x, y), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set_title(model)
+            ax.set_xlabel("bits per weight (quantized linears, incl. scales)")
+            ax.set_ylabel(label)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--ppl-data", type=Path, default=WIKITEXT)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--redo", action="store_true", help="recompute cells already in results.json")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.cell:
+        model, spec = json.loads(args.cell)
+        print(json.dumps(run_cell(model, spec, args)))
+        return 0
+
+    for m in args.methods:
+        parse_method(m)
+    for m in args.models:
+        resolve_model(m)
+    if not args.ppl_data.exists():
+        raise SystemExit(f"--ppl-data {args.ppl_data} does not exist")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    from tqdm import tqdm
+
+    todo = [(m, s) for m in args.models for s in args.methods
+            if args.redo or "error" in results.get(f"{m}|{s}", {"error": "todo"})]
+    passthrough = ["--ppl-data", str(args.ppl_data), "--seqlen", str(args.seqlen), "--max-windows",
+                   str(args.max_windows), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    for model, spec in tqdm(todo, desc="benchmark"):
+        proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, spec]), *passthrough],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            results[f"{model}|{spec}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            results[f"{model}|{spec}"] = {"model": model, "spec": spec, "method": parse_method(spec)[0],
+                                          "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "crashed"}
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        tqdm.write(f"{model} {spec}: " + ("failed: " + results[f'{model}|{spec}']['error']
+                                          if "error" in results[f"{model}|{spec}"] else "done"))
+    write_report(results, args.out, args)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Measurements that every method is judged by: perplexity, decode/prefill speed, size.
+
+Perplexity protocols (always reported with the numbers):
+- "windows" (GPTQ/QuaRot papers): the text tokenized once, cut into non-overlapping windows of
+  `seqlen` tokens, every token after the first of a window scored once, mean NLL, exp.
+- "stride" (HQQ's blog): windows of `seqlen` every `stride` tokens, each token scored once, by the
+  first window in which it is not in the overlap with the previous window.
+"""
+import math
+import statistics
+import time
+
+import torch
+
+
+def wikitext2_test_text(path: str) -> str:
+    """The WikiText-2 test split as the papers join it: a JSON list of rows joined with "\\n\\n",
+    or a plain text file read as it is."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    if path.endswith(".json"):
+        rows = json.loads(raw)
+        if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return "\n\n".join(rows)
+    return raw
+
+
+def score_spans(n_tokens: int, seqlen: int, stride: int | None = None, max_windows: int | None = None):
+    """[(begin, end, first_scored)]: the window [begin, end) scores targets first_scored..end-1.
+
+    "windows": n_tokens // seqlen full windows, each scoring all but its first token.
+    "stride": every token after the very first scored exactly once, with up to seqlen - 1 of context."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    stride = stride or seqlen
+    if not 0 < stride <= seqlen:
+        raise ValueError(f"stride must be in 1..seqlen ({seqlen}), got {stride}")
+    if stride == seqlen:  # the papers: full windows only, the trailing remainder is dropped
+        n = n_tokens // seqlen if max_windows is None else min(n_tokens // seqlen, max_windows)
+        return [(i * seqlen, (i + 1) * seqlen, i * seqlen + 1) for i in range(n)]
+    spans, begin, scored_up_to = [], 0, 1
+    while scored_up_to < n_tokens and (max_windows is None or len(spans) < max_windows):
+        end = min(begin + seqlen, n_tokens)
+        spans.append((begin, end, max(scored_up_to, begin + 1)))
+        scored_up_to = end
+        begin += stride
+    return spans
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, seqlen: int = 2048, stride: int | None = None,
+               max_windows: int | None = None, progress: bool = True) -> dict:
+    """Perplexity of `model` on a 1-D tensor of token ids (see the module docstring for the protocols)."""
+    from tqdm.auto import tqdm
+
+    ids = input_ids.reshape(-1)
+    spans = score_spans(ids.numel(), seqlen, stride, max_windows)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for begin, end, first in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
+        window = ids[begin:end].unsqueeze(0).to(device)
+        logits = model(window).logits[0, :-1].float()
+        targets = window[0, 1:]
+        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        keep = losses[first - begin - 1:]
+        nll += keep.sum().item()
+        count += keep.numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens_scored": count, "windows": len(spans),
+            "seqlen": seqlen, "stride": stride or seqlen,
+            "protocol": "windows" if (stride or seqlen) == seqlen else "stride"}
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_len: int = 16, new_tokens: int = 64, batch_size: int = 1, repeats: int = 3) -> dict:
+    """Prefill and decode tokens/s with greedy generation; a warm-up run excluded, median of `repeats`."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch_size, prompt_len), generator=g).to(device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n):
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - start
+
+    timed(4)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t1 = timed(1)  # prefill + first token
+        tn = timed(new_tokens + 1)
+        prefill.append(batch_size * prompt_len / t1)
+        decode.append(batch_size * new_tokens / max(tn - t1, 1e-9))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}
+
+
+def weight_bytes(model) -> dict:
+    """In-memory bytes of all weights, and bits per weight of the quantized linears."""
+    from .integration import quant_linears
+
+    total = model.get_memory_footprint()
+    q = quant_linears(model)
+    packed = sum(t.numel() * t.element_size() for _, m in q for k, t in m.state_dict().items() if k != "bias")
+    numel = sum(m.in_features * m.out_features for _, m in q)
+    return {"memory_bytes": total, "quantized_linears": len(q),
+            "bits_per_weight": 8 * packed / numel if numel else 16.0}
