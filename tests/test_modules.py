@@ -10,7 +10,7 @@ def _layer(n, k, bits, g, bias=True):
     return QuantLinear.from_linear(lin, bits, g)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g", [(64, 128, 64), (48, 96, 32), (32, 172, 64), (64, 576, 128)])
 def test_int4_cpu_kernel_matches_dequantize_path(bits, n, k, g):
     layer = _layer(n, k, bits, g)
@@ -39,14 +39,16 @@ def test_state_dict_is_the_portable_layout_and_reloads_bit_identical():
 def test_layers_the_kernel_cannot_take_use_the_dequantize_path():
     layer = _layer(40, 64, 4, 32)  # out_features not a multiple of 16
     assert layer.layout == "packed"
-    layer8 = _layer(64, 64, 8, 32)
-    assert layer8.layout == "packed"
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    assert torch.equal(layer8(x), torch.nn.functional.linear(x, layer8.dequantize_weight(x.dtype), layer8.bias))
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize_weight(x.dtype), layer.bias))
 
 
-def test_leaving_the_cpu_layout_keeps_the_weights():
-    layer = _layer(64, 128, 4, 64)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_leaving_the_cpu_layout_keeps_the_weights(bits):
+    layer = _layer(64, 128, bits, 64)
+    assert layer.layout == "int4_cpu"
     w = layer.dequantize_weight()
+    sd = layer.state_dict()
     layer._to_packed_layout()
     assert torch.equal(layer.dequantize_weight(), w)
+    assert all(torch.equal(sd[k], v) for k, v in layer.state_dict().items())

@@ -4,8 +4,10 @@ Persistent buffers (what the checkpoint holds, see `packing` and `quantize` for 
 - `qweight`      uint8 [out, in_pad * bits / 8], codes packed along the input dimension
 - `scale_offset` compute dtype [in_pad / group_size, out, 2]
 - `bias`         compute dtype [out] (optional)
-On CPU, `prepare_runtime()` repacks `qweight` once into the layout of torch's int4 kernel (2/3-bit
-codes are widened to 4 bits in memory for it); `state_dict()` always emits the portable layout.
+On CPU, `prepare_runtime()` repacks `qweight` once into the layout of torch's int4 kernel: 2/3-bit
+codes are widened to 4 bits in memory for it, and 8-bit codes q = 16·h + l are split into two 4-bit
+halves run as two int4 matmuls, since (q − 128)·s + o = (h − 8)·16s + (o + 8s) + (l − 8)·s.
+`state_dict()` always emits the portable layout.
 """
 import torch
 from torch import nn
@@ -32,6 +34,8 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.layout = "packed"  # or "int4_cpu" once prepare_runtime() ran on CPU
+        # 8 bits on the int4 kernel: the scale_offset tables of the high and low halves (runtime only)
+        self.register_buffer("nibble_scale_offsets", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, solver: str = "hqq",
@@ -57,8 +61,11 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The unpacked uint8 codes [out, in_pad], whatever the current layout."""
         if self.layout == "int4_cpu":
-            codes = kernels.from_int4_cpu_layout(self.qweight, self.out_features, self.padded_in_features)
-            return codes - (8 - 2 ** (self.bits - 1))
+            n, k = self.out_features, self.padded_in_features
+            if self.bits == 8:
+                high = kernels.from_int4_cpu_layout(self.qweight[:n], n, k)
+                return high * 16 + kernels.from_int4_cpu_layout(self.qweight[n:], n, k)
+            return kernels.from_int4_cpu_layout(self.qweight, n, k) - (8 - 2 ** (self.bits - 1))
         return packing.unpack(self.qweight, self.bits)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -67,11 +74,18 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def prepare_runtime(self) -> "QuantLinear":
         """Repack for torch's CPU int4 kernel when this layer lives on CPU and the kernel fits."""
-        if (self.layout == "packed" and self.qweight.device.type == "cpu" and self.bits <= 4
-                and kernels.int4_cpu_supported(self.out_features, self.padded_in_features, self.group_size)):
-            codes = packing.unpack(self.qweight, self.bits) + (8 - 2 ** (self.bits - 1))
-            self.qweight = kernels.to_int4_cpu_layout(codes)
-            self.layout = "int4_cpu"
+        if (self.layout != "packed" or self.qweight.device.type != "cpu"
+                or not kernels.int4_cpu_supported(self.out_features, self.padded_in_features, self.group_size)):
+            return self
+        codes = packing.unpack(self.qweight, self.bits)
+        if self.bits == 8:
+            self.qweight = torch.cat([kernels.to_int4_cpu_layout(codes >> 4), kernels.to_int4_cpu_layout(codes & 15)])
+            scale, offset = self.scale_offset.unbind(-1)
+            self.nibble_scale_offsets = torch.stack([torch.stack([scale * 16, offset + 8 * scale], -1),
+                                                     torch.stack([scale, torch.zeros_like(offset)], -1)])
+        else:
+            self.qweight = kernels.to_int4_cpu_layout(codes + (8 - 2 ** (self.bits - 1)))
+        self.layout = "int4_cpu"
         return self
 
     @torch.no_grad()
@@ -79,17 +93,24 @@ class QuantLinear(nn.Module):
         codes = self.codes()
         self.qweight = packing.pack(codes.to(self.qweight.device), self.bits)
         self.layout = "packed"
+        self.nibble_scale_offsets = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "int4_cpu":
             if x.device.type == "cpu":
-                y = kernels.int4_cpu_linear(x, self.qweight, self.group_size, self.scale_offset,
-                                            self.padded_in_features)
-                y = y.to(x.dtype)
+                y = self._int4_cpu_forward(x).to(x.dtype)
                 return y + self.bias if self.bias is not None else y
             self._to_packed_layout()  # the module was moved off the CPU
         w = self.dequantize_weight(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _int4_cpu_forward(self, x):
+        k = self.padded_in_features
+        if self.bits != 8:
+            return kernels.int4_cpu_linear(x, self.qweight, self.group_size, self.scale_offset, k)
+        n, (high, low) = self.out_features, self.nibble_scale_offsets
+        return (kernels.int4_cpu_linear(x, self.qweight[:n], self.group_size, high, k)
+                + kernels.int4_cpu_linear(x, self.qweight[n:], self.group_size, low, k))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
