@@ -93,10 +93,10 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for _, module in integration.quant_linears(model):
+        for name, module in integration.quant_linears(model):
             if getattr(module, "weight", None) is not None:
-                raise RuntimeError(f"{module} never received its weight: the checkpoint lacks it")
-            module.prepare_runtime()
+                raise RuntimeError(f"{name} never received its weight: the checkpoint lacks it")
+        integration.prepare_runtime(model)
         return model
 
     def _dequantize(self, model, dtype=None):

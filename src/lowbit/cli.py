@@ -1,4 +1,4 @@
-"""`lowbit` command line: `lowbit quantize ...`."""
+"""`lowbit` command line: `lowbit quantize ...`, `lowbit eval ...`."""
 import argparse
 import logging
 import os
@@ -24,6 +24,19 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=13)
     q.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    e = sub.add_parser("eval", help="perplexity, speed and size of any model transformers loads")
+    e.add_argument("--model", required=True, help="local model folder or Hub repo id")
+    e.add_argument("--tasks", default="ppl,speed,size", help="comma-separated: ppl, speed, size, lm-eval:<task>")
+    e.add_argument("--ppl-data", default="wikitext2",
+                   help="'wikitext2' (datasets, else the local copy) or a text file / JSON list of rows")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--stride", type=int, help="HQQ's protocol: overlapping windows every N tokens")
+    e.add_argument("--max-windows", type=int)
+    e.add_argument("--batch-size", type=int, default=1, help="speed is also measured at this batch size")
+    e.add_argument("--dtype", default="auto", help="dtype to load in (default: the checkpoint's)")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -55,6 +68,28 @@ def quantize_command(args) -> int:
     return 0
 
 
+def eval_command(args) -> int:
+    import json
+
+    from . import evaluate
+
+    tasks = evaluate.parse_tasks(args.tasks)
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.stride is not None and not 0 < args.stride <= args.seqlen:
+        raise ValueError(f"--stride must be in 1..--seqlen ({args.seqlen}), got {args.stride}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    res = evaluate.evaluate_model(args.model, tasks, ppl_data=args.ppl_data, seqlen=args.seqlen, stride=args.stride,
+                                  max_windows=args.max_windows, batch_size=args.batch_size, dtype=args.dtype,
+                                  progress=not args.quiet)
+    print(evaluate.format_report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -64,7 +99,7 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return {"quantize": quantize_command}[args.command](args)
+        return {"quantize": quantize_command, "eval": eval_command}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2

@@ -108,3 +108,113 @@ def weight_bytes(model) -> dict:
     numel = sum(m.in_features * m.out_features for _, m in q)
     return {"memory_bytes": total, "quantized_linears": len(q),
             "bits_per_weight": 8 * packed / numel if numel else 16.0}
+
+
+TASKS = ("ppl", "speed", "size")
+WIKITEXT2_LOCAL = "../shared/data/wikitext-2-raw/wikitext-2-raw-v1.test.rows.json"
+
+
+def load_ppl_text(spec: str) -> tuple[str, str]:
+    """(text, description) for `--ppl-data`: "wikitext2" or a path (plain text, or a JSON list of rows)."""
+    import os
+
+    if spec != "wikitext2":
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"--ppl-data {spec!r}: no such file (give 'wikitext2', a text file "
+                                    "or a JSON list of rows)")
+        return wikitext2_test_text(spec), spec
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        return "\n\n".join(rows), "wikitext-2-raw-v1 test (datasets)"
+    except Exception:
+        pass
+    path = os.environ.get("LOWBIT_WIKITEXT2", WIKITEXT2_LOCAL)
+    if not os.path.isfile(path):
+        raise FileNotFoundError("--ppl-data wikitext2: the Hub is not reachable and no local copy was found at "
+                                f"{path!r} (set LOWBIT_WIKITEXT2 to the rows JSON, or pass --ppl-data PATH)")
+    return wikitext2_test_text(path), f"wikitext-2-raw-v1 test ({path})"
+
+
+def parse_tasks(spec: str) -> list[str]:
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS and not t.startswith("lm-eval:")]
+    if not tasks or bad:
+        raise ValueError(f"--tasks: unknown task(s) {bad or [spec]}; allowed: {', '.join(TASKS)}, lm-eval:<task>")
+    return tasks
+
+
+def checkpoint_bytes(model_id: str) -> int | None:
+    import os
+    from pathlib import Path
+
+    folder = Path(model_id)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model_id, allow_patterns=["*.safetensors"]))
+        except Exception:
+            return None
+    return sum(os.path.getsize(f) for f in folder.glob("*.safetensors"))
+
+
+def evaluate_model(model_id: str, tasks: list[str], ppl_data: str = "wikitext2", seqlen: int = 2048,
+                   stride: int | None = None, max_windows: int | None = None, batch_size: int = 1,
+                   dtype: str = "auto", progress: bool = True) -> dict:
+    """What `lowbit eval` measures, as one JSON-serialisable dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = load_ppl_text(ppl_data) if "ppl" in tasks else None  # a bad path fails before the model loads
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+    model.eval()
+    qc = getattr(model.config, "quantization_config", None)
+    out = {"model": model_id, "dtype": str(model.dtype).removeprefix("torch."),
+           "quantization": qc.to_dict() if hasattr(qc, "to_dict") else qc, "torch_threads": torch.get_num_threads()}
+    if "ppl" in tasks:
+        ids = AutoTokenizer.from_pretrained(model_id)(text[0], return_tensors="pt").input_ids[0]
+        out["ppl"] = {**perplexity(model, ids, seqlen, stride, max_windows, progress), "data": text[1],
+                      "join": "rows joined with \"\\n\\n\", tokenized once"}
+    if "speed" in tasks:
+        out["speed"] = [decode_speed(model, batch_size=b) for b in sorted({1, batch_size})]
+    if "size" in tasks:
+        out["size"] = {**weight_bytes(model), "checkpoint_bytes": checkpoint_bytes(model_id)}
+    for task in (t for t in tasks if t.startswith("lm-eval:")):
+        out.setdefault("lm_eval", {})[task[8:]] = _lm_eval(model, model_id, task[8:], batch_size)
+    return out
+
+
+def _lm_eval(model, model_id, task, batch_size):
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as err:
+        raise ImportError("--tasks lm-eval:<task> needs the lm-eval package: pip install 'lowbit[eval]'") from err
+    from transformers import AutoTokenizer
+
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(model_id), batch_size=batch_size)
+    return lm_eval.simple_evaluate(model=lm, tasks=[task])["results"].get(task)
+
+
+def format_report(res: dict) -> str:
+    lines = [f"model      {res['model']} ({res['dtype']}, {res['torch_threads']} threads)"]
+    if res.get("quantization"):
+        lines.append(f"quantized  {res['quantization']}")
+    if "ppl" in res:
+        p = res["ppl"]
+        proto = (f"non-overlapping windows of {p['seqlen']}" if p["protocol"] == "windows"
+                 else f"windows of {p['seqlen']} every {p['stride']} tokens")
+        lines.append(f"perplexity {p['ppl']:.3f} on {p['data']}: {proto}, {p['windows']} windows, "
+                     f"{p['tokens_scored']} tokens scored")
+    for s in res.get("speed", []):
+        lines.append(f"speed      batch {s['batch_size']}: prefill {s['prefill_tok_s']:.1f} tok/s, "
+                     f"decode {s['decode_tok_s']:.1f} tok/s (median of {s['repeats']})")
+    if "size" in res:
+        s = res["size"]
+        ck = "n/a" if s["checkpoint_bytes"] is None else f"{s['checkpoint_bytes'] / 2**20:.1f} MiB"
+        lines.append(f"size       checkpoint {ck}, in memory {s['memory_bytes'] / 2**20:.1f} MiB, "
+                     f"{s['quantized_linears']} quantized linears at {s['bits_per_weight']:.2f} bits/weight")
+    for task, r in res.get("lm_eval", {}).items():
+        lines.append(f"lm-eval    {task}: {r}")
+    return "\n".join(lines)

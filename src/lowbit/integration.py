@@ -1,4 +1,6 @@
 """Module swap and load-time plumbing shared by every lowbit method (transformers' integrations/ role)."""
+import ctypes
+import functools
 import json
 import logging
 import struct
@@ -51,6 +53,27 @@ def replace_with_quant_linear(model: nn.Module, names, bits: int, group_size: in
 
 def quant_linears(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def prepare_runtime(model: nn.Module) -> None:
+    """Repack every QuantLinear for its device's kernel, handing freed memory back to the OS as it goes.
+
+    Repacking allocates the new layout beside the old one layer by layer; without a trim, glibc keeps
+    the freed blocks between the long-lived ones and the process ends up holding more than the bf16
+    model (SmolLM2-135M: 386 MiB peak vs 283 MiB with the trim)."""
+    trim = _malloc_trim()
+    for _, module in quant_linears(model):
+        module.prepare_runtime()
+        trim()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
 
 
 def _safetensors_header(path: str) -> dict:
