@@ -207,6 +207,20 @@ def write_report(results: dict, out: Path, args) -> None:
     _plots(results, out)
 
 
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the block between the results markers of the README with the table and the plots."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"--readme {readme}: no {start} ... {end} block to fill")
+    rel = os.path.relpath(out, readme.parent)
+    block = (f"{start}\n{(out / 'results.md').read_text()}\n"
+             f"![perplexity vs bits per weight]({rel}/ppl_vs_bpw.png)\n"
+             f"![decode tokens/s vs bits per weight]({rel}/decode_vs_bpw.png)\n{end}")
+    head, _, rest = text.partition(start)
+    readme.write_text(head + block + rest.partition(end)[2])
+
+
 def _plots(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -254,6 +268,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--redo", action="store_true", help="recompute cells already in results.json")
+    p.add_argument("--readme", type=Path, help="also write the table and plots into this README's results block")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -289,6 +304,8 @@ def main():
         tqdm.write(f"{model} {spec}: " + ("failed: " + results[f'{model}|{spec}']['error']
                                           if "error" in results[f"{model}|{spec}"] else "done"))
     write_report(results, args.out, args)
+    if args.readme:
+        update_readme(args.readme, args.out)
     print((args.out / "results.md").read_text())
     return 0
 

@@ -1,4 +1,5 @@
 """What every lowbit method shares on the transformers side: config validation and the quantizer."""
+import copy
 import logging
 
 import torch
@@ -25,7 +26,7 @@ class LowbitConfig(QuantizationConfigMixin):
             raise ValueError(f"{type(self).__name__} got unknown parameter(s) {unknown}; "
                              f"allowed: {sorted(self._fields)}")
         for name, default in self._fields.items():
-            value = kwargs.get(name, default)
+            value = copy.deepcopy(kwargs.get(name, default))
             setattr(self, name, list(value) if isinstance(value, tuple) else value)
         self.quant_method = type(self).quant_method
         self.validate()

@@ -1,0 +1,96 @@
+"""Rotation-invariant rewrites of Llama-shaped decoders (QuaRot, and later Householder rotations).
+
+An RMSNorm without a scale commutes with any orthogonal Q (rms(xQ) = rms(x)), so once each norm's
+scale is folded into the linears that read its output, the residual stream can be rotated: every
+writer of the residual (embeddings, o_proj, down_proj) is multiplied by Q on its output side and
+every reader (q/k/v, gate/up, the head) by Q on its input side, and the model computes the same
+function. Inside a layer, v_proj's output can be rotated per head with Qᵀ folded into o_proj, and
+down_proj's input can be rotated online (the transform is applied at run time, `W·H` fused here).
+
+All weight algebra runs in float64 and is cast back to each weight's dtype once.
+"""
+import torch
+from torch import nn
+
+from . import hadamard
+
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+def check_architecture(model) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise ValueError(f"rotations support {', '.join(SUPPORTED)} (pre-norm decoders with RMSNorm and a "
+                         f"Llama-shaped MLP); got {name}")
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
+    if bias is not None:
+        linear.bias.data = bias.to(linear.bias.dtype).contiguous()
+
+
+def _fold_norm(norm: nn.Module, readers) -> None:
+    gamma = norm.weight.data.double()
+    for lin in readers:
+        _set(lin, lin.weight.data.double() * gamma)
+    norm.weight.data = torch.ones_like(norm.weight.data)
+
+
+@torch.no_grad()
+def fuse_norms(model) -> None:
+    """Fold every RMSNorm scale into the linears reading its output; untie the head if it was tied."""
+    check_architecture(model)
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    _fold_norm(model.model.norm, [head])
+
+
+@torch.no_grad()
+def rotate_residual(model, q: torch.Tensor) -> None:
+    """Rotate the residual stream by the orthogonal `q` [hidden, hidden] (after `fuse_norms`)."""
+    q = q.double()
+    emb = model.get_input_embeddings()
+    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _set(reader, reader.weight.data.double() @ q)
+        for writer in (attn.o_proj, mlp.down_proj):
+            _set(writer, q.T @ writer.weight.data.double(),
+                 None if writer.bias is None else writer.bias.data.double() @ q)
+    head = model.get_output_embeddings()
+    _set(head, head.weight.data.double() @ q)
+
+
+@torch.no_grad()
+def rotate_values(model) -> None:
+    """Per-head Hadamard on v_proj's output, undone in o_proj's input (offline, no run-time cost)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        hd = attn.head_dim
+        h = hadamard.hadamard_matrix(hd, torch.float64)
+        v, o = attn.v_proj, attn.o_proj
+        n_kv = v.weight.shape[0] // hd
+        w = v.weight.data.double().view(n_kv, hd, -1)
+        _set(v, torch.einsum("ji,hjk->hik", h, w).reshape(n_kv * hd, -1),
+             None if v.bias is None else (v.bias.data.double().view(n_kv, hd) @ h).reshape(-1))
+        n_heads = o.weight.shape[1] // hd
+        wo = o.weight.data.double().view(o.weight.shape[0], n_heads, hd)
+        _set(o, (wo @ h).reshape(o.weight.shape[0], -1))
+
+
+@torch.no_grad()
+def fuse_down_proj_hadamard(model) -> None:
+    """W_down ← W_down·H; the model must then apply H to down_proj's input at run time."""
+    for layer in model.model.layers:
+        down = layer.mlp.down_proj
+        _set(down, hadamard.hadamard_transform(down.weight.data.double()))

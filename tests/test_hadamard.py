@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from lowbit import hadamard
+
+# every base order the module builds a true Hadamard block for, up to 200, and real model sizes
+HADAMARD_ORDERS = [m for m in range(4, 201, 4) if hadamard.base_block(m).is_hadamard]
+MODEL_SIZES = [64, 172, 576, 896, 1536, 4864]
+
+
+def test_paley_orders_cover_the_usual_ones():
+    assert {12, 20, 28, 36, 40 // 2, 44, 60, 76, 108, 140} <= set(HADAMARD_ORDERS)
+
+
+@pytest.mark.parametrize("m", HADAMARD_ORDERS)
+def test_base_blocks_are_hadamard(m):
+    b = hadamard.base_block(m).matrix
+    assert set(b.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(b @ b.T, m * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", MODEL_SIZES + [1, 2, 3, 12, 24, 43, 100])
+def test_transform_is_orthogonal_and_fast_path_equals_dense(n):
+    h = hadamard.hadamard_matrix(n, torch.float64)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    assert torch.allclose(hadamard.hadamard_transform(x), x @ h, atol=1e-10)
+
+
+def test_factorisation_prefers_a_true_hadamard_block():
+    assert hadamard.factor(11008) == (64, 172) and hadamard.factor(14336) == (2048, 7)  # Hartley blocks
+    assert hadamard.factor(576) == (16, 36)
+    assert hadamard.factor(1536) == (128, 12)
+    assert hadamard.factor(896) == (32, 28)
+    assert hadamard.factor(4864) == (64, 76)
+    assert hadamard.factor(172) == (4, 43) and not hadamard.base_block(43).is_hadamard
+
+
+def test_transform_spreads_an_outlier():
+    x = torch.zeros(576)
+    x[7] = 100.0
+    y = hadamard.hadamard_transform(x)
+    assert torch.allclose(y.norm(), x.norm()) and y.abs().max() < 100.0 / 576 ** 0.5 * 1.01
