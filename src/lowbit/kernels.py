@@ -63,3 +63,29 @@ def int4_cpu_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scal
         x2 = torch.nn.functional.pad(x2, (0, padded_in_features - shape[-1]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, scale_offset)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def int8_group_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_grouped: torch.Tensor,
+                      scale_offset: torch.Tensor) -> torch.Tensor:
+    """y = Q(x) @ Wᵀ in integer arithmetic (torch._int_mm) for quantized activations and weights.
+
+    x_codes int8 [M, K_pad] with a float32 scale per row `x_scale` [M, 1]; `w_grouped` int8
+    [groups, group_size, N] holding q − 2^(bits−1) (see `group_weight_for_int8`); scale_offset
+    [groups, N, 2]. Each group's exact int32 products are combined in float32 as
+    y = x_scale · Σ_g (scale_g · (x_g · w_g) + offset_g · Σ x_g)."""
+    groups, group_size, n = w_grouped.shape
+    xg = x_codes.view(x_codes.shape[0], groups, group_size)
+    row_sums = xg.sum(-1, dtype=torch.int32).float()  # [M, groups]
+    so = scale_offset.float()
+    y = torch.zeros(x_codes.shape[0], n, dtype=torch.float32, device=x_codes.device)
+    for g in range(groups):
+        dots = torch._int_mm(xg[:, g].contiguous(), w_grouped[g]).float()
+        y += dots * so[g, :, 0] + row_sums[:, g:g + 1] * so[g, :, 1]
+    return y * x_scale
+
+
+def group_weight_for_int8(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """uint8 codes [N, K_pad] -> int8 [groups, group_size, N], centred: the layout `int8_group_linear` reads."""
+    n, k = codes.shape
+    centred = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    return centred.view(n, k // group_size, group_size).permute(1, 2, 0).contiguous()

@@ -132,3 +132,21 @@ def _check(bits, group_size):
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+
+
+def quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
+    """Per-token symmetric quantization of activations: int8 codes in [-2^(b-1), 2^(b-1) - 1] and a
+    float32 scale per token (x ≈ codes * scale), the range clipped to `clip_ratio` of max|x|."""
+    if bits not in (4, 8):
+        raise ValueError(f"activation bits must be 4 or 8, got {bits!r}")
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) * clip_ratio / qmax).clamp_min(1e-8)
+    codes = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax).to(torch.int8)
+    return codes, scale
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """The float reference of `quantize_activations`: what the integer path must reproduce."""
+    codes, scale = quantize_activations(x, bits, clip_ratio)
+    return (codes.float() * scale).to(x.dtype)

@@ -1,0 +1,37 @@
+"""Activation quantization and the integer matmul path against the fake-quant float reference."""
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit import quantize as Q
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_codes_and_clipping(bits):
+    x = torch.randn(5, 64)
+    x[0, 3] = 50.0
+    codes, scale = Q.quantize_activations(x, bits, clip_ratio=0.9)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.dtype == torch.int8 and codes.min() >= -qmax - 1 and codes.max() <= qmax
+    assert torch.allclose(scale[0], torch.tensor(50.0 * 0.9 / qmax))
+    assert codes[0, 3] == qmax  # the outlier saturates at the clipped range
+    ref = Q.fake_quantize_activations(x, bits, 1.0)
+    assert (ref - x).abs().max() <= (x.abs().amax(-1, keepdim=True) / qmax / 2 + 1e-6).max()
+
+
+def test_bad_activation_bits():
+    with pytest.raises(ValueError, match="activation bits must be 4 or 8, got 3"):
+        Q.quantize_activations(torch.randn(2, 8), 3)
+
+
+@pytest.mark.parametrize("w_bits,a_bits,group", [(4, 4, 32), (4, 8, 64), (8, 8, 64), (4, 8, 128), (3, 4, 32)])
+def test_integer_path_equals_fake_quant_reference(w_bits, a_bits, group):
+    torch.manual_seed(0)
+    n, k = 48, 256
+    w = torch.randn(n, k) * 0.05
+    codes, so = Q.quantize_rtn(w, w_bits, group)
+    x = torch.randn(7, k)
+    xc, xs = Q.quantize_activations(x, a_bits)
+    y_int = kernels.int8_group_linear(xc, xs, kernels.group_weight_for_int8(codes, w_bits, group), so)
+    y_ref = Q.fake_quantize_activations(x, a_bits).double() @ Q.dequantize(codes, so, w_bits, k).double().T
+    assert torch.allclose(y_int.double(), y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
