@@ -36,6 +36,16 @@ def test_hqq_not_worse_than_hqq_package_and_better_than_rtn(bits, group_size):
     assert ours < rtn, (ours, rtn)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_clipping_search_never_loses_to_plain_rtn(bits):
+    w = _weight(64, 192, seed=1)
+    plain = _mse(Q.dequantize(*Q.quantize_rtn(w, bits, 64), bits, 192), w)
+    clipped = _mse(Q.dequantize(*Q.quantize_rtn_clip(w, bits, 64), bits, 192), w)
+    assert clipped <= plain * 1.0001
+    if bits <= 4:  # outlier channels make shrinking the range worth it at low bits
+        assert clipped < 0.97 * plain
+
+
 def test_dequantize_follows_the_documented_formula():
     bits, g = 4, 32
     codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
@@ -46,7 +56,7 @@ def test_dequantize_follows_the_documented_formula():
     assert torch.allclose(w[i, j], expected)
 
 
-@pytest.mark.parametrize("solver", [Q.quantize_hqq, Q.quantize_rtn])
+@pytest.mark.parametrize("solver", [Q.quantize_hqq, Q.quantize_rtn, Q.quantize_rtn_clip])
 def test_padding_rule_for_widths_the_group_does_not_divide(solver):
     n, k, g = 16, 172, 64
     w = _weight(n, k)

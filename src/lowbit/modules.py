@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from . import kernels, packing
-from .quantize import dequantize, padded_in_features, quantize_hqq, quantize_rtn
+from .quantize import dequantize, padded_in_features, quantize_hqq, quantize_rtn, quantize_rtn_clip
 
-SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn}
+SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn, "rtn_clip": quantize_rtn_clip}
 
 
 class QuantLinear(nn.Module):

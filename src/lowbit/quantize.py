@@ -68,18 +68,50 @@ def _blockwise(quantize_block):
     return quantize
 
 
+def _masked_range(g: torch.Tensor, mask: torch.Tensor):
+    return g.masked_fill(~mask, float("inf")).amin(-1), g.masked_fill(~mask, float("-inf")).amax(-1)
+
+
+def _round_to_grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """Codes, scale and offset of the uniform grid spanning [lo, hi] per group."""
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, qmax)
+    return q, scale, lo + 2 ** (bits - 1) * scale
+
+
 @_blockwise
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     """Plain round-to-nearest on the min/max grid of each group (the baseline)."""
     mask = _valid_mask(w.shape[1], group_size, w.device)
     g = _grouped(w, group_size)
-    lo = g.masked_fill(~mask, float("inf")).amin(-1)
-    hi = g.masked_fill(~mask, float("-inf")).amax(-1)
-    qmax = 2**bits - 1
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, qmax)
-    offset = lo + 2 ** (bits - 1) * scale
-    return _finish(q, scale, offset)
+    return _finish(*_round_to_grid(g, *_masked_range(g, mask), bits))
+
+
+CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
+
+
+@_blockwise
+def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest with a per-group clipping search (calibration-free, as QuaRot's RTN): the
+    min/max range shrunk by the factor in CLIP_GRID that minimises Σ|W − Ŵ|^2.4 over the group."""
+    mask = _valid_mask(w.shape[1], group_size, w.device)
+    g = _grouped(w, group_size)
+    lo0, hi0 = _masked_range(g, mask)
+    best_err = best = None
+    for r in CLIP_GRID:
+        q, scale, offset = _round_to_grid(g, lo0 * r, hi0 * r, bits)
+        w_hat = (q - 2 ** (bits - 1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+        err = ((w_hat - g).abs().pow(2.4) * mask).sum(-1)
+        if best is None:
+            best_err, best = err, [q, scale, offset]
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[0] = torch.where(better.unsqueeze(-1), q, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        best[2] = torch.where(better, offset, best[2])
+    return _finish(*best)
 
 
 @_blockwise
