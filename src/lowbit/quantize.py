@@ -119,15 +119,14 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
     """Half-quadratic quantization: hqq's proximal solver picks the codes and zero points, then a
     closed-form least-squares fit of scale and offset per group (over real, unpadded channels)
     minimises ‖W - Ŵ‖² for those codes, which can only lower the error of hqq's own result."""
-    from hqq.core.quantize import Quantizer
+    from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
     out, in_features = w.shape
     mask = _valid_mask(in_features, group_size, w.device).float()
     g = _grouped(w, group_size)
-    q, meta = Quantizer.quantize(
-        g.reshape(-1, group_size), nbits=bits, group_size=group_size, axis=1, optimize=True,
-        bitpack=False, device=w.device,
-    )
+    params = hqq_base_quant_config(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"]
+    params.pop("view_as_float", None)  # hqq's defaults otherwise, e.g. a rounded initial zero at 4 bits
+    q, meta = Quantizer.quantize(g.reshape(-1, group_size), bitpack=False, device=w.device, **params)
     q = q.view_as(g)
     t = q - 2 ** (bits - 1)
     # hqq's form (q - z) * s, rewritten as (q - mid) * s + o
