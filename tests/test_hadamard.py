@@ -28,7 +28,7 @@ def test_transform_is_orthogonal_and_fast_path_equals_dense(n):
 
 
 def test_factorisation_prefers_a_true_hadamard_block():
-    assert hadamard.factor(11008) == (64, 172) and hadamard.factor(14336) == (2048, 7)  # Hartley blocks
+    assert hadamard.factor(11008) == (256, 43) and hadamard.factor(14336) == (512, 28)
     assert hadamard.factor(576) == (16, 36)
     assert hadamard.factor(1536) == (128, 12)
     assert hadamard.factor(896) == (32, 28)

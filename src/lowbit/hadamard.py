@@ -11,8 +11,8 @@ as a fast Walsh–Hadamard transform (O(n log n)) and B_m, a small m×m base blo
   orthonormal discrete Hartley matrix, cas(2πij/m)/√m, scaled by √m to sit beside the ±1 blocks. It
   is orthogonal and as flat as a real matrix can be up to a factor √2, so it spreads outliers almost
   as well; `base_block(m).is_hadamard` tells which one a size got.
-The factorisation picks the largest power of two whose cofactor has a base block of the first three
-kinds, else the largest power of two (Hartley cofactor).
+The factorisation picks the largest power of two whose cofactor (at most MAX_BLOCK) has a base block
+of the first three kinds, else the largest power of two (Hartley cofactor).
 """
 import functools
 import math
@@ -80,6 +80,9 @@ def _has_hadamard_block(m: int) -> bool:
     return m in (1, 2) or base_block(m).is_hadamard
 
 
+MAX_BLOCK = 256  # the dense part of a transform costs m multiply-adds per element
+
+
 @functools.lru_cache(maxsize=None)
 def factor(n: int) -> tuple[int, int]:
     """n = 2^k · m: the base block size m (see the module docstring for the rule)."""
@@ -87,7 +90,7 @@ def factor(n: int) -> tuple[int, int]:
         raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
     pow2 = n & -n
     k = pow2
-    while k >= 1:
+    while k >= 1 and n // k <= MAX_BLOCK:
         if _has_hadamard_block(n // k):
             return k, n // k
         k //= 2
