@@ -1,0 +1,110 @@
+"""Calibration data and layer-by-layer processing, shared by the methods that calibrate (QuaRot's
+GPTQ and PCA, ARHQ, Householder).
+
+`layer_by_layer` captures what the first decoder layer receives (hidden states plus the keyword
+arguments the model passes it: position embeddings, masks, ...), then hands the caller one layer at a
+time and, once the caller is done with it (quantized it, say), runs the calibration samples through
+that layer in place. Only one layer's activations for all samples are ever held.
+"""
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def load_calibration_text(source) -> tuple[str, str]:
+    """(text, description) from a local text file, a list of strings, or a `datasets` name."""
+    if isinstance(source, (list, tuple)):
+        if not source or not all(isinstance(s, str) for s in source):
+            raise ValueError("calibration: a list of calibration texts must hold at least one string")
+        return "\n\n".join(source), f"{len(source)} strings"
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"calibration must be a text file path, a list of strings or a datasets name, got {source!r}")
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            return f.read(), source
+    try:
+        from datasets import load_dataset
+
+        name, _, subset = source.partition(":")
+        rows = load_dataset(name, subset or None, split="train")["text"]
+    except Exception as err:
+        raise ValueError(f"calibration {source!r} is neither a local file nor a loadable `datasets` name "
+                         f"(name[:subset]): {err}") from err
+    return "\n\n".join(rows), f"datasets {source} (train)"
+
+
+def calibration_ids(tokenizer, source, nsamples: int, seqlen: int, seed: int = 13) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens from the tokenized calibration text: [nsamples, seqlen]."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    text, desc = load_calibration_text(source)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text {desc} has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)]
+    logger.info("calibration: %d x %d tokens from %s", nsamples, seqlen, desc)
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """One decoder layer's inputs for every calibration sample, batch by batch."""
+
+    hidden: list = field(default_factory=list)  # [batch, seqlen, hidden] tensors
+    kwargs: list = field(default_factory=list)  # the keyword arguments of each batch's call
+
+    def batches(self):
+        return zip(self.hidden, self.kwargs)
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model, input_ids: torch.Tensor, batch_size: int) -> LayerInputs:
+    layers = model.model.layers
+    captured = LayerInputs()
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer, inputs: LayerInputs) -> None:
+    """Replace `inputs` by what `layer` outputs for them (the next layer's inputs)."""
+    for i, (hidden, kwargs) in enumerate(inputs.batches()):
+        out = layer(hidden, **kwargs)
+        inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
+
+
+def layer_by_layer(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True):
+    """Yield (index, layer, inputs) for each decoder layer; after the caller's turn, the samples are
+    propagated through the (possibly modified) layer to become the next layer's inputs."""
+    from tqdm.auto import tqdm
+
+    inputs = capture_first_layer_inputs(model, input_ids, batch_size)
+    for index, layer in enumerate(tqdm(model.model.layers, desc="layers", disable=not progress)):
+        yield index, layer, inputs
+        run_layer(layer, inputs)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lowbit import calibration
+
+
+def test_layer_by_layer_reproduces_the_forward_pass(tiny_qwen2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for index, layer, inputs in calibration.layer_by_layer(model, ids, batch_size=2, progress=False):
+        seen.append(index)
+        assert [h.shape[0] for h in inputs.hidden] == [2, 2, 1]
+    hidden = torch.cat(inputs.hidden)
+    with torch.no_grad():
+        logits = model.lm_head(model.model.norm(hidden))
+        ref = model(ids).logits
+    assert seen == list(range(model.config.num_hidden_layers))
+    assert torch.allclose(logits, ref, atol=1e-5)
+
+
+def test_calibration_ids_are_seeded_windows(tiny_llama, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    a = calibration.calibration_ids(tok, str(text), nsamples=4, seqlen=32, seed=13)
+    b = calibration.calibration_ids(tok, str(text), nsamples=4, seqlen=32, seed=13)
+    c = calibration.calibration_ids(tok, ["the quick brown fox jumps over the lazy dog."] * 40, 4, 32, seed=14)
+    assert a.shape == (4, 32) and torch.equal(a, b) and c.shape == (4, 32)
+
+
+def test_calibration_errors(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(ValueError, match="fewer than seqlen=512"):
+        calibration.calibration_ids(tok, ["short text"], nsamples=2, seqlen=512)
+    with pytest.raises(ValueError, match="neither a local file nor a loadable `datasets` name"):
+        calibration.calibration_ids(tok, "/no/such/file.txt", nsamples=2, seqlen=8)
+    with pytest.raises(ValueError, match="nsamples must be >= 1"):
+        calibration.calibration_ids(tok, ["x"], nsamples=0, seqlen=8)
