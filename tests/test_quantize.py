@@ -21,14 +21,15 @@ def _weight(n, k, seed=0):
 def test_hqq_not_worse_than_hqq_package_and_better_than_rtn(bits, group_size):
     n, k = 128, 256
     w = _weight(n, k)
-    codes, so = Q.quantize_hqq(w, bits, group_size)
-    ours = _mse(Q.dequantize(codes, so.to(torch.bfloat16), bits, k), w)
+    codes, so = Q.quantize_hqq(w, bits, group_size, torch.bfloat16)
+    # what the int4 kernel computes with: bf16 scale/offset, the affine map evaluated in fp32
+    ours = _mse(Q.dequantize(codes, so, bits, k, torch.float32), w)
 
     lin = torch.nn.Linear(k, n, bias=False)
     lin.weight.data = w.clone()
     ref = HQQLinear(lin, BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1),
                     compute_dtype=torch.bfloat16, device="cpu")
-    theirs = _mse(ref.dequantize(), w)
+    theirs = _mse(ref.dequantize(), w)  # what HQQLinear multiplies with
 
     rc, rso = Q.quantize_rtn(w, bits, group_size)
     rtn = _mse(Q.dequantize(rc, rso.to(torch.bfloat16), bits, k), w)

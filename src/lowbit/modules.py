@@ -54,9 +54,8 @@ class QuantLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit "
                              f"QuantLinear({self.in_features}, {self.out_features})")
-        codes, scale_offset = SOLVERS[solver](weight, self.bits, self.group_size)
-        return {"qweight": packing.pack(codes, self.bits),
-                "scale_offset": scale_offset.to(self.scale_offset.dtype)}
+        codes, scale_offset = SOLVERS[solver](weight, self.bits, self.group_size, self.scale_offset.dtype)
+        return {"qweight": packing.pack(codes, self.bits), "scale_offset": scale_offset}
 
     def codes(self) -> torch.Tensor:
         """The unpacked uint8 codes [out, in_pad], whatever the current layout."""

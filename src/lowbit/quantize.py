@@ -48,24 +48,56 @@ BLOCK_ELEMENTS = 1 << 18
 
 
 def _blockwise(quantize_block):
-    """Run `quantize_block(w_rows, bits, group_size)` over row blocks into preallocated outputs."""
+    """Run `quantize_block(w_rows, bits, group_size)` over row blocks into preallocated outputs,
+    rounding each block's scale/offset to the storage `dtype` (see `_round_for_storage`)."""
 
-    def quantize(w: torch.Tensor, bits: int, group_size: int):
+    def quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32):
         _check(bits, group_size)
         out, in_features = w.shape
         k_pad = padded_in_features(in_features, group_size)
         codes = torch.empty(out, k_pad, dtype=torch.uint8, device=w.device)
-        scale_offset = torch.empty(k_pad // group_size, out, 2, dtype=torch.float32, device=w.device)
+        scale_offset = torch.empty(k_pad // group_size, out, 2, dtype=dtype, device=w.device)
         step = max(1, BLOCK_ELEMENTS // k_pad)
         for start in range(0, out, step):
-            c, so = quantize_block(w[start:start + step], bits, group_size)
+            rows = w[start:start + step]
+            c, so = quantize_block(rows, bits, group_size)
             codes[start:start + step] = c
-            scale_offset[:, start:start + step] = so
+            scale_offset[:, start:start + step] = _round_for_storage(rows, c, so, bits, group_size, dtype)
         return codes, scale_offset
 
     quantize.__doc__ = quantize_block.__doc__
     quantize.__name__ = quantize_block.__name__
     return quantize
+
+
+def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype):
+    """Per group, the storage-dtype neighbours of scale and offset (nearest, one step up or down each)
+    that reconstruct the group best. They move the grid by less than a rounding step, so unlike a
+    refit they cannot clip the group's largest weights."""
+    if dtype == torch.float32:
+        return scale_offset
+    g = _grouped(w, group_size)
+    mask = _valid_mask(w.shape[1], group_size, w.device)
+    t = (codes.view_as(g).float() - 2 ** (bits - 1))
+    nearest = scale_offset.transpose(0, 1).to(dtype)  # [out, groups, 2]
+
+    def neighbours(x):
+        return [x, torch.nextafter(x, torch.full_like(x, float("inf"))),
+                torch.nextafter(x, torch.full_like(x, float("-inf")))]
+
+    best_err, best = None, nearest.clone()
+    for s in neighbours(nearest[..., 0]):
+        for o in neighbours(nearest[..., 1]):
+            w_hat = t * s.float().unsqueeze(-1) + o.float().unsqueeze(-1)
+            err = (((w_hat - g) ** 2) * mask).sum(-1)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[..., 0] = torch.where(better, s, best[..., 0])
+            best[..., 1] = torch.where(better, o, best[..., 1])
+    return best.transpose(0, 1)
 
 
 def _masked_range(g: torch.Tensor, mask: torch.Tensor):
@@ -116,35 +148,22 @@ def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
 
 @_blockwise
 def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
-    """Half-quadratic quantization: hqq's proximal solver picks the codes and zero points, then a
-    closed-form least-squares fit of scale and offset per group (over real, unpadded channels)
-    minimises ‖W - Ŵ‖² for those codes, which can only lower the error of hqq's own result."""
+    """Half-quadratic quantization: hqq's proximal solver with hqq's own default settings picks codes,
+    scale and zero point per group; they are stored as scale and offset = (2^(bits−1) − zero)·scale.
+
+    A least-squares refit of scale and offset would lower ‖W − Ŵ‖² a further ~7%, but it does so by
+    shrinking the range and clipping the largest weights of each group, and perplexity suffers
+    (Qwen2.5-0.5B, 3 bits, group 128, 10×512 windows: 83.6 as hqq's fit, 108.0 refit)."""
     from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
-    out, in_features = w.shape
-    mask = _valid_mask(in_features, group_size, w.device).float()
+    out = w.shape[0]
     g = _grouped(w, group_size)
     params = hqq_base_quant_config(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"]
     params.pop("view_as_float", None)  # hqq's defaults otherwise, e.g. a rounded initial zero at 4 bits
     q, meta = Quantizer.quantize(g.reshape(-1, group_size), bitpack=False, device=w.device, **params)
-    q = q.view_as(g)
-    t = q - 2 ** (bits - 1)
-    # hqq's form (q - z) * s, rewritten as (q - mid) * s + o
-    s0 = meta["scale"].view(out, -1).float()
-    o0 = (2 ** (bits - 1) - meta["zero"].view(out, -1).float()) * s0
-    n = mask.sum(-1)
-    t_mean = (t * mask).sum(-1) / n
-    w_mean = (g * mask).sum(-1) / n
-    dt = (t - t_mean.unsqueeze(-1)) * mask
-    var = (dt * dt).sum(-1)
-    cov = (dt * (g - w_mean.unsqueeze(-1))).sum(-1)
-    scale = torch.where(var > 0, cov / var.clamp_min(1e-12), s0)
-    offset = w_mean - scale * t_mean
-    # keep hqq's fit wherever the refit would not be an improvement (e.g. rounding in degenerate groups)
-    err_new = (((t * scale.unsqueeze(-1) + offset.unsqueeze(-1)) - g) ** 2 * mask).sum(-1)
-    err_old = (((t * s0.unsqueeze(-1) + o0.unsqueeze(-1)) - g) ** 2 * mask).sum(-1)
-    better = err_new <= err_old
-    return _finish(q, torch.where(better, scale, s0), torch.where(better, offset, o0))
+    scale = meta["scale"].view(out, -1).float()
+    offset = (2 ** (bits - 1) - meta["zero"].view(out, -1).float()) * scale
+    return _finish(q.view_as(g), scale, offset)
 
 
 def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_features: int,
@@ -152,10 +171,10 @@ def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_fe
     """uint8 codes [out, in_pad] + scale_offset [groups, out, 2] -> W [out, in_features]."""
     dtype = dtype or scale_offset.dtype
     groups = scale_offset.shape[0]
-    so = scale_offset.to(dtype).transpose(0, 1)  # [out, groups, 2]
-    t = (codes.to(dtype) - 2 ** (bits - 1)).view(codes.shape[0], groups, -1)
+    so = scale_offset.float().transpose(0, 1)  # [out, groups, 2]; evaluated in fp32 as the kernels do
+    t = (codes.float() - 2 ** (bits - 1)).view(codes.shape[0], groups, -1)
     w = t * so[..., :1] + so[..., 1:]
-    return w.reshape(codes.shape[0], -1)[:, :in_features]
+    return w.reshape(codes.shape[0], -1)[:, :in_features].to(dtype)
 
 
 def _check(bits, group_size):
