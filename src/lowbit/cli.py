@@ -53,13 +53,10 @@ def quantize_command(args) -> int:
     from . import export
 
     config = _config(args)  # validates every setting before any work
-    if not export.source_exists(args.src):
-        raise FileNotFoundError(f"--src {args.src!r}: no model folder with a config.json there, and no such Hub repo")
+    export.check_source(args.src)  # before reading its config for the naming tag
     head_kept = args.keep_lm_head_fp16 or export.head_is_tied(args.src)
     dst = args.dst or os.path.join(
         ".", f"{os.path.basename(os.path.normpath(args.src))}-{export.naming_tag(config, head_kept)}")
-    if os.path.exists(dst) and not args.overwrite:
-        raise FileExistsError(f"--dst {dst!r} already exists; pass --overwrite to replace it")
     meta = export.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),
                                      overwrite=args.overwrite, seed=args.seed,
                                      command="lowbit " + shlex.join(sys.argv[1:]))

@@ -58,6 +58,11 @@ def source_exists(src: str) -> bool:
         return False
 
 
+def check_source(src: str) -> None:
+    if not source_exists(src):
+        raise FileNotFoundError(f"--src {src!r}: no model folder with a config.json there, and no such Hub repo")
+
+
 def head_is_tied(src: str) -> bool:
     from transformers import AutoConfig
 
@@ -104,8 +109,7 @@ def quantize_to_folder(src: str, dst: str, config, dtype=torch.bfloat16, overwri
     import lowbit
 
     dst = Path(dst)
-    if not source_exists(src):
-        raise FileNotFoundError(f"--src {src!r}: no model folder with a config.json there, and no such Hub repo")
+    check_source(src)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"--dst {str(dst)!r} already exists; pass --overwrite to replace it")
     torch.manual_seed(seed)
