@@ -10,12 +10,13 @@ def test_interpreter_start_imports_neither_torch_nor_transformers():
 
 def test_importing_transformers_quantizers_registers_lowbit():
     res = run_python("import json\nfrom transformers.quantizers import auto\n"
-                     "print(json.dumps({'config': auto.AUTO_QUANTIZATION_CONFIG_MAPPING['lowbit_hqq'].__name__,"
-                     " 'quantizer': auto.AUTO_QUANTIZER_MAPPING['lowbit_hqq'].__name__}))")
-    assert res == {"config": "HqqConfig", "quantizer": "HqqHfQuantizer"}
+                     "print(json.dumps({k: [auto.AUTO_QUANTIZATION_CONFIG_MAPPING[k].__name__, "
+                     "auto.AUTO_QUANTIZER_MAPPING[k].__name__] for k in ('lowbit_hqq', 'lowbit_quarot')}))")
+    assert res == {"lowbit_hqq": ["HqqConfig", "HqqHfQuantizer"],
+                   "lowbit_quarot": ["QuaRotConfig", "QuaRotHfQuantizer"]}
 
 
 def test_import_lowbit_after_transformers_registers_once():
     res = run_python("import json\nfrom transformers.quantizers import auto\nimport lowbit\nlowbit.register_all()\n"
                      "print(json.dumps(sorted(k for k in auto.AUTO_QUANTIZER_MAPPING if k.startswith('lowbit'))))")
-    assert res == ["lowbit_hqq"]
+    assert res == ["lowbit_hqq", "lowbit_quarot"]

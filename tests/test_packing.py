@@ -24,9 +24,10 @@ def test_pack_layout_is_little_endian():
     assert packing.pack(codes, 3).tolist() == [[8, 0, 0xE0]]
 
 
-def test_pack_rejects_ragged_rows():
-    with pytest.raises(ValueError, match="multiple of 8"):
-        packing.pack(torch.zeros(2, 12, dtype=torch.uint8), 4)
+@pytest.mark.parametrize("bits,n,per_word", [(3, 12, 8), (2, 6, 4), (4, 7, 2)])
+def test_pack_rejects_rows_that_do_not_fill_whole_words(bits, n, per_word):
+    with pytest.raises(ValueError, match=f"rows of {bits}-bit codes must hold a multiple of {per_word} codes, got {n}"):
+        packing.pack(torch.zeros(2, n, dtype=torch.uint8), bits)
 
 
 @pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (176, 96)])

@@ -12,6 +12,9 @@ from .registry import register_all
 register_all()
 
 from .hqq import HqqConfig, HqqHfQuantizer  # noqa: E402
+from .kvcache import QuantizedKVCache  # noqa: E402
 from .modules import QuantLinear  # noqa: E402
+from .quarot import QuaRotConfig, QuaRotHfQuantizer  # noqa: E402
 
-__all__ = ["__version__", "HqqConfig", "HqqHfQuantizer", "QuantLinear", "register_all"]
+__all__ = ["__version__", "HqqConfig", "HqqHfQuantizer", "QuaRotConfig", "QuaRotHfQuantizer", "QuantLinear",
+           "QuantizedKVCache", "register_all"]

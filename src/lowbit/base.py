@@ -86,8 +86,8 @@ class LowbitHfQuantizer(HfQuantizer):
         if not names:
             raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize "
                              f"(modules_to_not_convert={cfg.modules_to_not_convert})")
-        integration.replace_with_quant_linear(model, names, cfg.bits, cfg.group_size, self.dtype,
-                                              with_placeholder=not self.pre_quantized)
+        integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=not self.pre_quantized,
+                                              spec=lambda name, linear: {"bits": cfg.bits, "group_size": cfg.group_size})
         if self.pre_quantized:
             integration.verify_checkpoint(model, checkpoint_files)
         logger.info("lowbit: %d linear layers -> %s", len(names), cfg.quant_method)

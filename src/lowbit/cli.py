@@ -5,7 +5,9 @@ import os
 import shlex
 import sys
 
-METHOD_CHOICES = ("hqq",)
+METHOD_CHOICES = ("hqq", "quarot")
+QUAROT_ONLY = {"acts_bits": "--acts-bits", "kv_bits": "--kv-bits", "rotation": "--rotation", "calib": "--calib",
+               "weight_quantizer": "--weight-quantizer", "nsamples": "--nsamples", "calib_seqlen": "--calib-seqlen"}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -18,7 +20,16 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=64, help="input channels per scale/offset (default 64)")
     q.add_argument("--keep-lm-head-fp16", action="store_true",
-                   help="keep the output head unquantized (a head tied to the embeddings always is)")
+                   help="hqq: keep the output head unquantized (a head tied to the embeddings always is); "
+                        "quarot always keeps it")
+    qr = q.add_argument_group("quarot")
+    qr.add_argument("--acts-bits", type=int, help="activation bits: 4, 8 or 16 (off) (default 4)")
+    qr.add_argument("--kv-bits", type=int, help="KV cache bits: 4, 8 or 16 (off) (default 4)")
+    qr.add_argument("--rotation", help="hadamard (default) or pca (needs --calib)")
+    qr.add_argument("--weight-quantizer", help="rtn (default, clipping search) or gptq (needs --calib)")
+    qr.add_argument("--calib", help="calibration text file (or a datasets name when the Hub is reachable)")
+    qr.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    qr.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 2048)")
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13)
@@ -41,8 +52,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
+    if args.method == "quarot":
+        from .quarot import QuaRotConfig
+
+        given = {"a_bits": args.acts_bits, "kv_bits": args.kv_bits, "rotation_method": args.rotation,
+                 "weight_quantizer": args.weight_quantizer, "calibration": args.calib,
+                 "nsamples": args.nsamples, "seqlen": args.calib_seqlen}
+        return QuaRotConfig(w_bits=args.bits, group_size=args.group_size, seed=args.seed,
+                            **{k: v for k, v in given.items() if v is not None})
     from .hqq import HqqConfig
 
+    extra = [flag for attr, flag in QUAROT_ONLY.items() if getattr(args, attr) is not None]
+    if extra:
+        raise ValueError(f"{', '.join(extra)} only apply to --method quarot")
     keep_head = ["lm_head"] if args.keep_lm_head_fp16 else []
     return HqqConfig(bits=args.bits, group_size=args.group_size, modules_to_not_convert=keep_head)
 
@@ -54,7 +76,7 @@ def quantize_command(args) -> int:
 
     config = _config(args)  # validates every setting before any work
     export.check_source(args.src)  # before reading its config for the naming tag
-    head_kept = args.keep_lm_head_fp16 or export.head_is_tied(args.src)
+    head_kept = "lm_head" in (config.modules_to_not_convert or []) or export.head_is_tied(args.src)
     dst = args.dst or os.path.join(
         ".", f"{os.path.basename(os.path.normpath(args.src))}-{export.naming_tag(config, head_kept)}")
     meta = export.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),

@@ -33,13 +33,24 @@ METHODS = {
     "lowbit_hqq": MethodInfo(
         "HQQ", "calibration-free half-quadratic weight-only quantization, packed low-bit weights with a "
         "scale and an offset per group of input channels, run on torch's int4 CPU kernel."),
+    "lowbit_quarot": MethodInfo(
+        "QuaRot", "Hadamard (or PCA) rotations fused into the weights so that weights, activations and the "
+        "KV cache quantize without outliers; packed weights, per-token quantized activations multiplied in "
+        "integers, and a packed KV cache."),
 }
 
 
 def naming_tag(config, head_kept: bool) -> str:
-    """`HQQ_w4_g64[_headfp16]`, the tag of the original tools."""
+    """The tag of the original tools: `HQQ_w4_g64[_headfp16]`, `QuaRot_w4_g64_a4_kv4[_gptq][_pca]_headfp16`
+    (a8 and kv8 are left out, as there)."""
     title = METHODS[config.quant_method].title
-    tag = f"{title}_w{config.bits}_g{config.group_size}"
+    if config.quant_method == "lowbit_quarot":
+        tag = f"{title}_w{config.w_bits}_g{config.group_size}"
+        tag += "".join(f"_{k}{b}" for k, b in (("a", config.a_bits), ("kv", config.kv_bits)) if b != 8)
+        tag += "_gptq" if config.weight_quantizer == "gptq" else ""
+        tag += "_pca" if config.rotation_method == "pca" else ""
+    else:
+        tag = f"{title}_w{config.bits}_g{config.group_size}"
     return tag + ("_headfp16" if head_kept else "")
 
 

@@ -118,13 +118,15 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n, m)
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ hadamard_matrix(n) over the last dim, in O(n log n) for the power-of-two part."""
+def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x @ hadamard_matrix(n) (or its transpose, the inverse) over the last dim, in O(n log n) for the
+    power-of-two part."""
     n = x.shape[-1]
     k, m = factor(n)
     y = x.reshape(*x.shape[:-1], k, m)
     if m > 1:
-        y = y @ base_block(m).matrix.to(device=x.device, dtype=x.dtype)
+        block = base_block(m).matrix
+        y = y @ (block.T if inverse else block).to(device=x.device, dtype=x.dtype)
     if k > 1:
         y = _fwht(y)
     return (y / math.sqrt(n)).reshape(x.shape)

@@ -32,10 +32,10 @@ def linears_to_quantize(model: nn.Module, modules_to_not_convert) -> list[str]:
     return names
 
 
-def replace_with_quant_linear(model: nn.Module, names, bits: int, group_size: int, dtype: torch.dtype,
-                              with_placeholder: bool) -> None:
+def replace_with_quant_linear(model: nn.Module, names, dtype: torch.dtype, with_placeholder: bool, spec) -> None:
     """Swap the named nn.Linear modules for empty QuantLinear modules on the meta device.
 
+    `spec(name, linear)` gives each QuantLinear's parts (bits, group_size, act_bits, input_transform).
     `with_placeholder` keeps a meta `weight` Parameter so the loader routes the fp checkpoint weight
     to the quantize-on-load op (a checkpoint key only loads if the meta model has that name)."""
     for name in names:
@@ -43,12 +43,17 @@ def replace_with_quant_linear(model: nn.Module, names, bits: int, group_size: in
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         with torch.device("meta"):
-            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
-                            dtype=dtype)
+            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
+                            **spec(name, linear))
             if with_placeholder:
                 q.weight = nn.Parameter(torch.empty(linear.out_features, linear.in_features, dtype=dtype),
                                         requires_grad=False)
         setattr(parent, child, q)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def quant_linears(model: nn.Module):
@@ -143,13 +148,19 @@ def load_time_quantize_op(hf_quantizer):
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Plain nn.Linear layers computing what the packed weights do (an online input Hadamard is folded
+    back into the weight; activation quantization is dropped)."""
+    from .hadamard import hadamard_transform
+
     for name, module in quant_linears(model):
-        parent_name, _, child = name.rpartition(".")
-        w = module.dequantize_weight(dtype)
+        w = module.dequantize_weight(torch.float32)
+        if module.input_transform == "hadamard":
+            w = hadamard_transform(w, inverse=True)
+        w = w.to(dtype)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            device=w.device, dtype=dtype)
         linear.weight.data = w
         if module.bias is not None:
             linear.bias.data = module.bias.data.to(dtype)
-        setattr(model.get_submodule(parent_name), child, linear)
+        set_module(model, name, linear)
     return model

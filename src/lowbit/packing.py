@@ -5,17 +5,22 @@ Layout (little-endian within a byte, codes in row-major order):
 - 4 bits: two codes per byte, code 2i in the low nibble, code 2i+1 in the high nibble.
 - 2 bits: four codes per byte, code 4i+j in bits 2j..2j+1.
 - 3 bits: eight codes in three bytes, code 8i+j in bits 3j..3j+2 of the 24-bit little-endian word.
-The last dimension must be a multiple of 8 (lowbit pads rows to a multiple of the group size).
+The last dimension must fill whole words: a multiple of 8 codes at 3 bits, 4 at 2 bits, 2 at 4 bits
+(lowbit pads rows to a multiple of the group size).
 """
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
+def _codes_per_word(bits: int) -> int:
+    return 8 if bits == 3 else 8 // bits
+
+
 def packed_width(n: int, bits: int) -> int:
     """Bytes per row holding `n` codes of `bits` bits."""
-    if n % 8:
-        raise ValueError(f"rows to pack must be a multiple of 8 codes, got {n}")
+    if n % _codes_per_word(bits):
+        raise ValueError(f"rows of {bits}-bit codes must hold a multiple of {_codes_per_word(bits)} codes, got {n}")
     return n * bits // 8
 
 
@@ -25,7 +30,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int32)
     if bits == 8:
         return codes.to(torch.uint8)
-    per_word = 8 if bits == 3 else 8 // bits  # codes per little-endian word of `bits*per_word` bits
+    per_word = _codes_per_word(bits)  # codes per little-endian word of `bits*per_word` bits
     c = c.reshape(*c.shape[:-1], -1, per_word)
     shifts = torch.arange(per_word, dtype=torch.int32, device=c.device) * bits
     word = (c << shifts).sum(-1, dtype=torch.int32)
@@ -39,7 +44,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: packed uint8 [..., m] -> uint8 codes [..., m*8/bits]."""
     if bits == 8:
         return packed
-    per_word = 8 if bits == 3 else 8 // bits
+    per_word = _codes_per_word(bits)
     nbytes = bits * per_word // 8
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8

@@ -17,7 +17,7 @@ bf16 model's size of freed memory on Qwen2.5-0.5B).
 """
 import torch
 
-from .packing import SUPPORTED_BITS
+from .packing import SUPPORTED_BITS, packed_width
 
 
 def padded_in_features(in_features: int, group_size: int) -> int:
@@ -76,7 +76,7 @@ def _masked_range(g: torch.Tensor, mask: torch.Tensor):
     return g.masked_fill(~mask, float("inf")).amin(-1), g.masked_fill(~mask, float("-inf")).amax(-1)
 
 
-def _round_to_grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
+def round_to_grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
     """Codes, scale and offset of the uniform grid spanning [lo, hi] per group."""
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-8)
@@ -89,7 +89,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     """Plain round-to-nearest on the min/max grid of each group (the baseline)."""
     mask = _valid_mask(w.shape[1], group_size, w.device)
     g = _grouped(w, group_size)
-    return _finish(*_round_to_grid(g, *_masked_range(g, mask), bits))
+    return _finish(*round_to_grid(g, *_masked_range(g, mask), bits))
 
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
@@ -104,7 +104,7 @@ def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
     lo0, hi0 = _masked_range(g, mask)
     best_err = best = None
     for r in CLIP_GRID:
-        q, scale, offset = _round_to_grid(g, lo0 * r, hi0 * r, bits)
+        q, scale, offset = round_to_grid(g, lo0 * r, hi0 * r, bits)
         w_hat = (q - 2 ** (bits - 1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
         err = ((w_hat - g).abs().pow(2.4) * mask).sum(-1)
         if best is None:
@@ -152,8 +152,9 @@ def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_fe
 def _check(bits, group_size):
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    packed_width(group_size, bits)  # a group must fill whole packed words
 
 
 def quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
@@ -172,3 +173,44 @@ def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.
     """The float reference of `quantize_activations`: what the integer path must reproduce."""
     codes, scale = quantize_activations(x, bits, clip_ratio)
     return (codes.float() * scale).to(x.dtype)
+
+
+def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
+                  dtype: torch.dtype = torch.float32, damp: float = 0.01, block_size: int = 128):
+    """GPTQ (Frantar et al., 2022): quantize columns in order, spreading each column's rounding error
+    over the columns not yet quantized through the inverse Hessian (`hessian` = E[x xᵀ] of the
+    layer's inputs, [in, in]). A group's scale/offset comes from `quantize_rtn_clip` on the group's
+    columns as they stand (error updates included) when the group is reached, rounded to `dtype`
+    first, so the storage rounding is compensated too. Requires in_features % group_size == 0."""
+    _check(bits, group_size)
+    out, k = w.shape
+    if k % group_size:
+        raise ValueError(f"GPTQ needs group_size to divide in_features, got {group_size} and {k}")
+    W = w.float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(k, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.empty(out, k, dtype=torch.uint8, device=w.device)
+    scale_offset = torch.empty(k // group_size, out, 2, dtype=dtype, device=w.device)
+    mid, qmax = 2 ** (bits - 1), 2**bits - 1
+    block_size = max(block_size // group_size, 1) * group_size  # groups never straddle blocks
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+        err = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group_size == 0:
+                _, so = quantize_rtn_clip(W1[:, i:i + group_size], bits, group_size, dtype)
+                scale_offset[col // group_size] = so[0]
+                scale, offset = so[0].float().unbind(-1)
+            q = torch.clamp(torch.round((W1[:, i] - offset) / scale) + mid, 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            e = (W1[:, i] - ((q - mid) * scale + offset)) / Hinv1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        W[:, b1:] -= err @ Hinv[b0:b1, b1:]
+    return codes, scale_offset

@@ -3,8 +3,10 @@
 
 def methods() -> dict:
     from .hqq import HqqConfig, HqqHfQuantizer
+    from .quarot import QuaRotConfig, QuaRotHfQuantizer
 
-    return {HqqConfig.quant_method: (HqqConfig, HqqHfQuantizer)}
+    return {HqqConfig.quant_method: (HqqConfig, HqqHfQuantizer),
+            QuaRotConfig.quant_method: (QuaRotConfig, QuaRotHfQuantizer)}
 
 
 def register_all() -> None:

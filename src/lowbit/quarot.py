@@ -1,0 +1,261 @@
+"""QuaRot (Ashkboos et al., 2024): rotate the model with orthogonal matrices so that weights,
+activations and the KV cache lose their outliers, then quantize all three.
+
+What the checkpoint holds: the rotated, norm-fused model with packed weights. The residual rotation,
+the per-head value rotation and the down_proj rotation are fused into the weights; what must run
+online (the Hadamard on down_proj's input, the key rotation inside the KV cache) is regenerated from
+its size at load, never stored. Reload rebuilds the QuantLinear modules and the cache from the
+config alone (`_process_model_before_weight_loading`), so transformers loads it like any checkpoint.
+"""
+import logging
+
+import torch
+from torch import nn
+
+from . import calibration, hadamard, integration, kvcache, rotation
+from .base import LowbitConfig, LowbitHfQuantizer, check_choice
+from .modules import QuantLinear
+from .quantize import quantize_gptq
+
+logger = logging.getLogger(__name__)
+
+PRESETS = {
+    "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
+    "w4a8kv4": {"w_bits": 4, "a_bits": 8, "kv_bits": 4},
+    "w4a8kv8": {"w_bits": 4, "a_bits": 8, "kv_bits": 8},
+}
+GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel (the whole row)
+
+
+class QuaRotConfig(LowbitConfig):
+    """QuaRot: rotated weights (RTN with a clipping search, or GPTQ), per-token activations and a
+    packed KV cache.
+
+    Args:
+        w_bits: weight bits, 4 or 8.
+        a_bits: activation bits, 4 or 8 (16 = activations stay in the compute dtype).
+        kv_bits: KV cache bits, 4 or 8 (16 = an ordinary cache).
+        group_size: input channels per weight scale/offset: 32, 64, 128, or -1 for one per output channel.
+        rotation_method: "hadamard" (calibration-free) or "pca" (calibration activations' principal
+            axes, followed by a Hadamard so that variance is spread over all channels).
+        weight_quantizer: "rtn" (calibration-free) or "gptq" (needs `calibration`).
+        calibration: a local text file, a list of strings, or a `datasets` name ("name[:subset]").
+        nsamples, seqlen: calibration windows and their length in tokens.
+        seed: picks the calibration windows.
+        modules_to_not_convert: module names kept in the compute dtype (the head by default).
+    """
+
+    quant_method = "lowbit_quarot"
+    _fields = {"w_bits": 4, "a_bits": 4, "kv_bits": 4, "group_size": 64, "rotation_method": "hadamard",
+               "weight_quantizer": "rtn", "calibration": None, "nsamples": 128, "seqlen": 2048, "seed": 13,
+               "modules_to_not_convert": ["lm_head"]}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "QuaRotConfig":
+        check_choice("preset", name, PRESETS)
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate(self):
+        super().validate()
+        check_choice("w_bits", self.w_bits, (4, 8))
+        check_choice("a_bits", self.a_bits, (4, 8, 16))
+        check_choice("kv_bits", self.kv_bits, (4, 8, 16))
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        check_choice("rotation_method", self.rotation_method, ("hadamard", "pca"))
+        check_choice("weight_quantizer", self.weight_quantizer, ("rtn", "gptq"))
+        for name in ("nsamples", "seqlen", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
+                                 f"got {value!r}")
+        cal = self.calibration
+        if cal is not None and not (isinstance(cal, str) and cal) and not (
+                isinstance(cal, list) and cal and all(isinstance(s, str) for s in cal)):
+            raise ValueError(f"calibration must be None, a text file path, a non-empty list of strings or a "
+                             f"datasets name, got {cal!r}")
+        if self.needs_calibration and cal is None:
+            needs = [f"{k}={getattr(self, k)!r}" for k, v in (("weight_quantizer", "gptq"), ("rotation_method", "pca"))
+                     if getattr(self, k) == v]
+            raise ValueError(f"{' and '.join(needs)} needs calibration data: pass calibration= a text file, a list "
+                             f"of strings or a datasets name (or use weight_quantizer='rtn', rotation_method='hadamard')")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weight_quantizer == "gptq" or self.rotation_method == "pca"
+
+    def to_dict(self):
+        d = super().to_dict()
+        if isinstance(d.get("calibration"), list):  # describe, do not copy, the calibration texts into config.json
+            d["calibration"] = f"<{len(d['calibration'])} calibration strings>"
+        return d
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def _is_down_proj(name: str) -> bool:
+    return name.endswith("mlp.down_proj")
+
+
+def linear_spec(config: QuaRotConfig, rotate: bool = True):
+    """`spec(name, linear)` for `integration.replace_with_quant_linear`: what each QuantLinear is."""
+    def spec(name, linear):
+        return {"bits": config.w_bits, "group_size": config.group_size_for(linear.in_features),
+                "act_bits": config.a_bits,
+                "input_transform": "hadamard" if rotate and _is_down_proj(name) else None}
+    return spec
+
+
+def check_model(model, config: QuaRotConfig, names) -> None:
+    """Everything about the model that would make QuaRot fail, checked before any work."""
+    rotation.check_architecture(model)
+    for name in names:
+        linear = model.get_submodule(name)
+        if config.group_size != -1 and linear.in_features % config.group_size:
+            raise ValueError(f"group_size={config.group_size} does not divide {name}.in_features="
+                             f"{linear.in_features}; pick a group size that divides every quantized layer's "
+                             f"input width, or group_size=-1 (one group per output channel)")
+
+
+def _progress() -> bool:
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.is_progress_bar_enabled()
+
+
+def calibration_ids(model, config: QuaRotConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except Exception as err:
+        raise ValueError(f"calibration needs the tokenizer of {model.name_or_path!r}: {err}") from err
+    return calibration.calibration_ids(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
+
+
+@torch.no_grad()
+def pca_rotation(model, input_ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
+    """Q = U·H: U the principal axes (largest variance first) of what the layers read from the residual
+    stream (each token's hidden state over its RMS, as the scale-free norms see it), H a Hadamard."""
+    d = model.config.hidden_size
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for _, _, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
+        for hidden, _ in inputs.batches():
+            x = hidden.reshape(-1, d).double()
+            x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+            cov += x.T @ x
+    _, vectors = torch.linalg.eigh(cov)
+    return vectors.flip(-1) @ hadamard.hadamard_matrix(d, torch.float64)
+
+
+def _rtn(model, names, spec) -> None:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="quantizing", disable=not _progress()):
+        linear = model.get_submodule(name)
+        integration.set_module(model, name, QuantLinear.from_linear(linear, solver="rtn_clip", **spec(name, linear)))
+        del linear
+
+
+@torch.no_grad()
+def _gptq(model, names, spec, input_ids, progress: bool) -> None:
+    """Layer by layer: collect each linear's input Hessian on the calibration samples, quantize with GPTQ;
+    the samples then flow through the quantized layer to the next one."""
+    index = {id(layer): i for i, layer in enumerate(model.model.layers)}
+    done = set()
+    for _, layer, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
+        prefix = f"model.layers.{index[id(layer)]}."
+        mine = [n for n in names if n.startswith(prefix)]
+        sums, counts, hooks = {}, {}, []
+        for name in mine:
+            def collect(module, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name] = sums.get(name, 0) + x.T @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(collect))
+        try:
+            for hidden, kwargs in inputs.batches():
+                layer(hidden, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in mine:
+            linear = model.get_submodule(name)
+            parts = spec(name, linear)
+            hessian = 2 * sums.pop(name) / counts[name]
+            solver = lambda w, bits, group_size, dtype, h=hessian: quantize_gptq(w, h, bits, group_size, dtype)  # noqa: E731
+            integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **parts))
+            done.add(name)
+    rest = [n for n in names if n not in done]
+    if rest:  # outside the decoder layers (a head the user chose to quantize): no Hessian collected there
+        logger.info("GPTQ: %s quantized with RTN", ", ".join(rest))
+        _rtn(model, rest, spec)
+
+
+@torch.no_grad()
+def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
+    """Rotate and quantize an fp model in place. `rotate=False` quantizes the same way without any
+    rotation: the baseline QuaRot is measured against."""
+    names = integration.linears_to_quantize(model, config.modules_to_not_convert)
+    check_model(model, config, names)
+    progress = _progress()
+    ids = calibration_ids(model, config) if config.needs_calibration else None
+    rotation.fuse_norms(model)
+    names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
+    hooks = []
+    if rotate:
+        if config.rotation_method == "pca":
+            q = pca_rotation(model, ids, progress)
+        else:
+            q = hadamard.hadamard_matrix(model.config.hidden_size, torch.float64)
+        rotation.rotate_residual(model, q)
+        rotation.rotate_values(model)
+        rotation.fuse_down_proj_hadamard(model)
+        # until down_proj becomes a QuantLinear with input_transform="hadamard", apply it as a hook
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+                 lambda m, args: (hadamard.hadamard_transform(args[0].float()).to(args[0].dtype),))
+                 for n in names if _is_down_proj(n)]
+    spec = linear_spec(config, rotate)
+    try:
+        if config.weight_quantizer == "gptq":
+            _gptq(model, names, spec, ids, progress)
+        else:
+            _rtn(model, names, spec)
+    finally:
+        for h in hooks:
+            h.remove()
+    integration.prepare_runtime(model)
+    if config.kv_bits < 16:
+        kvcache.install(model, config.kv_bits, rotate_keys=rotate)
+
+
+class QuaRotHfQuantizer(LowbitHfQuantizer):
+    """Quantize on load: the fp model loads as usual, then `quantize_model` rotates and quantizes it.
+    Reload: the final structure is built on meta and the packed tensors load by name."""
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        names = integration.linears_to_quantize(model, cfg.modules_to_not_convert)
+        check_model(model, cfg, names)
+        if self.pre_quantized:
+            integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False,
+                                                  spec=linear_spec(cfg))
+            integration.verify_checkpoint(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        if not self.pre_quantized:
+            quantize_model(model, cfg)
+            return model
+        integration.prepare_runtime(model)
+        if cfg.kv_bits < 16:
+            kvcache.install(model, cfg.kv_bits)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        kvcache.uninstall(model)
+        return integration.dequantize_model(model, dtype or self.dtype)
