@@ -2,12 +2,20 @@
 """One comparison run: every method on the same models, side by side, in one run.
 
     python scripts/benchmark.py --models smollm2-135m qwen2.5-0.5b --out results/
+    python scripts/benchmark.py --methods QUAROT --seqlen 2048 --max-windows 4 --kv-context 4096 \
+        --out results/quarot --readme README.md --readme-marker quarot-results
 
-Methods (`--methods`, default: all of these at bits 4/3 and groups 64/128):
+Methods (`--methods`, default: the first four at bits 4/3 and groups 64/128; `--methods QUAROT`: bf16,
+for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4):
   bf16                  the unquantized baseline
   lowbit-hqq-w4g64      lowbit.HqqConfig(bits=4, group_size=64), quantized on load
   hqq-w4g64             the `hqq` package's own HQQLinear, same settings (pytorch backend)
   rtn-w4g64             plain round-to-nearest into lowbit's packed format
+  quarot-w4a4kv4-rtn    lowbit.QuaRotConfig.from_preset("w4a4kv4") (Hadamard, RTN with clipping search)
+  quarot-w4a4kv4-gptq   the same with GPTQ weights (calibration: --calib, --nsamples x --calib-seqlen)
+  quarot-w4a4kv4-gptq-pca  ... and the PCA residual rotation instead of a plain Hadamard
+  norot-w4a4kv4-rtn     the same quantizers (weights, per-token activations, KV cache), no rotation
+QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
 The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
 is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
 cell, and a cell already there is not recomputed (delete it, or pass --redo, to measure again).
@@ -24,17 +32,34 @@ from pathlib import Path
 MODELS_DIR = Path(os.environ.get("LOWBIT_MODELS", Path.home() / ".cache" / "lowbit-models"))
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / \
     "wikitext-2-raw-v1.test.rows.json"
+CALIBRATION = WIKITEXT.parents[1] / "wikitext-2-tokens" / "valid.txt"
 DEFAULT_METHODS = ["bf16"] + [f"{m}-w{b}g{g}" for m in ("lowbit-hqq", "hqq", "rtn") for b in (4, 3) for g in (64, 128)]
+QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4a8kv8")
+                              for m, q in (("norot", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))]
+                  + ["quarot-w4a4kv4-rtn-pca", "quarot-w4a4kv4-gptq-pca"])
 
 
 def parse_method(spec: str):
+    """-> (method, bits, group, quarot settings or None)."""
     if spec == "bf16":
-        return "bf16", None, None
+        return "bf16", None, None, None
+    parts = spec.split("-")
+    if parts[0] in ("quarot", "norot"):
+        from lowbit.quarot import PRESETS
+
+        ok = (len(parts) in (3, 4) and parts[1] in PRESETS and parts[2] in ("rtn", "gptq")
+              and parts[3:] in ([], ["pca"]) and not (parts[0] == "norot" and parts[3:]))
+        if not ok:
+            raise ValueError(f"--methods: unknown QuaRot method {spec!r}; use quarot-PRESET-rtn|gptq[-pca] or "
+                             f"norot-PRESET-rtn|gptq, PRESET one of {sorted(PRESETS)}")
+        return parts[0], PRESETS[parts[1]]["w_bits"], None, {
+            **PRESETS[parts[1]], "weight_quantizer": parts[2], "rotation_method": "pca" if parts[3:] else "hadamard"}
     name, _, wg = spec.rpartition("-")
     if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
-        raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG or rtn-wBgG")
+        raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG, rtn-wBgG, "
+                         f"quarot-PRESET-rtn|gptq[-pca] or norot-PRESET-rtn|gptq")
     bits, group = wg[1:].split("g")
-    return name, int(bits), int(group)
+    return name, int(bits), int(group), None
 
 
 def resolve_model(name: str) -> Path:
@@ -85,13 +110,25 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     from lowbit import evaluate
     torch.manual_seed(0)
     path = resolve_model(model_name)
-    method, bits, group = parse_method(spec)
+    method, bits, group, quarot_settings = parse_method(spec)
+    if quarot_settings:
+        group = args.quarot_group
+        quarot_config = lowbit.QuaRotConfig(
+            **quarot_settings, group_size=group, calibration=str(args.calib), nsamples=args.nsamples,
+            seqlen=args.calib_seqlen)
     rss_before = _rss_kib("VmRSS")
     start = time.perf_counter()
     with AnonPeak() as anon:
         if method == "lowbit-hqq":
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.bfloat16, quantization_config=lowbit.HqqConfig(bits=bits, group_size=group))
+        elif method == "quarot":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quarot_config)
+        elif method == "norot":
+            from lowbit import quarot
+
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            quarot.quantize_model(model, quarot_config, rotate=False)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
             if method != "bf16":
@@ -102,11 +139,16 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     bf16_bytes = _bf16_bytes(model, path)
 
     result = {"model": model_name, "method": method, "bits": bits, "group_size": group, "spec": spec,
+              "quarot": quarot_settings and {**quarot_config.to_dict()},
               "load_quantize_s": quant_s, "peak_rss_increase_bytes": (peak_rss - rss_before) * 1024,
               "peak_anon_rss_increase_bytes": (anon.peak - anon.start) * 1024,
               "bf16_model_bytes": bf16_bytes}
     if method == "hqq":
         result["memory_bytes"], result["bits_per_weight"] = _hqq_sizes(model)
+        result["checkpoint_bytes"] = None
+    elif method == "norot":  # an in-memory baseline, not a checkpoint
+        sizes = evaluate.weight_bytes(model)
+        result["memory_bytes"], result["bits_per_weight"] = sizes["memory_bytes"], sizes["bits_per_weight"]
         result["checkpoint_bytes"] = None
     else:
         sizes = evaluate.weight_bytes(model)
@@ -122,6 +164,8 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     result["ppl"] = evaluate.perplexity(model, ids, seqlen=args.seqlen, max_windows=args.max_windows,
                                         progress=False)
     result["speed"] = evaluate.decode_speed(model, new_tokens=args.new_tokens, repeats=args.repeats)
+    if args.kv_context:
+        result["kv_cache_bytes"] = evaluate.kv_cache_bytes(model, args.kv_context)
     result["torch_threads"] = torch.get_num_threads()
     return result
 
@@ -180,6 +224,9 @@ def write_report(results: dict, out: Path, args) -> None:
     rows = ["| model | method | bits/weight | ppl | decode tok/s (x bf16) | prefill tok/s | load+quantize s "
             "| checkpoint MiB (x bf16) | memory MiB | peak RSS increase: allocated / incl. mmapped source (x bf16 size) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    kv = any("kv_cache_bytes" in r for r in results.values())
+    if kv:
+        rows = [rows[0] + f" KV cache MiB at {args.kv_context} tokens (x bf16) |", rows[1] + "---|"]
     for model in sorted({r["model"] for r in results.values()}):
         cells = [r for r in results.values() if r["model"] == model]
         base = next((r for r in cells if r.get("method") == "bf16" and "error" not in r), None)
@@ -193,9 +240,13 @@ def write_report(results: dict, out: Path, args) -> None:
             ck_ratio = f" ({ck / base['checkpoint_bytes']:.3f}x)" if base and ck else ""
             rss = r["peak_rss_increase_bytes"] / r["bf16_model_bytes"]
             anon = r["peak_anon_rss_increase_bytes"] / r["bf16_model_bytes"]
-            rows.append(f"| {model} | {r['spec']} | {r['bits_per_weight']:.2f} | {r['ppl']['ppl']:.2f} | "
-                        f"{dec:.1f}{ratio} | {r['speed']['prefill_tok_s']:.0f} | {r['load_quantize_s']:.1f} | "
-                        f"{_mib(ck)}{ck_ratio} | {_mib(r['memory_bytes'])} | {anon:.2f}x / {rss:.2f}x |")
+            row = (f"| {model} | {r['spec']} | {r['bits_per_weight']:.2f} | {r['ppl']['ppl']:.2f} | "
+                   f"{dec:.1f}{ratio} | {r['speed']['prefill_tok_s']:.0f} | {r['load_quantize_s']:.1f} | "
+                   f"{_mib(ck)}{ck_ratio} | {_mib(r['memory_bytes'])} | {anon:.2f}x / {rss:.2f}x |")
+            if kv:
+                kvb, kv0 = r.get("kv_cache_bytes"), (base or {}).get("kv_cache_bytes")
+                row += f" {_mib(kvb)}{f' ({kvb / kv0:.3f}x)' if kvb and kv0 else ''} |"
+            rows.append(row)
     any_r = next((r for r in results.values() if "ppl" in r), None)
     proto = (f"WikiText-2 test (rows joined with \"\\n\\n\"), {any_r['ppl']['windows']} non-overlapping windows of "
              f"{any_r['ppl']['seqlen']} tokens ({any_r['ppl']['tokens_scored']} tokens scored)") if any_r else ""
@@ -207,9 +258,9 @@ def write_report(results: dict, out: Path, args) -> None:
     _plots(results, out)
 
 
-def update_readme(readme: Path, out: Path) -> None:
-    """Replace the block between the results markers of the README with the table and the plots."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+def update_readme(readme: Path, out: Path, marker: str = "results") -> None:
+    """Replace the block between the `marker` markers of the README with the table and the plots."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = readme.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"--readme {readme}: no {start} ... {end} block to fill")
@@ -231,7 +282,8 @@ def _plots(results: dict, out: Path) -> None:
     models = sorted({r["model"] for r in ok})
     if not models:
         return
-    colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green"}
+    colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green",
+              "quarot": "tab:purple", "norot": "tab:red"}
     for key, label, fname, log in (("ppl", "WikiText-2 perplexity", "ppl_vs_bpw.png", True),
                                    ("decode", "decode tokens/s (batch 1)", "decode_vs_bpw.png", False)):
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -243,7 +295,8 @@ def _plots(results: dict, out: Path) -> None:
                     continue
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=method)
                 for x, y, spec in pts:
-                    ax.annotate(spec.rpartition("-")[2] if method != "bf16" else "bf16", (x, y), fontsize=7,
+                    label_ = spec.partition("-")[2] if method in ("quarot", "norot") else spec.rpartition("-")[2]
+                    ax.annotate(label_ if method != "bf16" else "bf16", (x, y), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
             ax.set_title(model)
             ax.set_xlabel("bits per weight (quantized linears, incl. scales)")
@@ -267,8 +320,15 @@ def main():
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calib", type=Path, default=CALIBRATION, help="QuaRot's GPTQ/PCA calibration text")
+    p.add_argument("--nsamples", type=int, default=128, help="QuaRot calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="QuaRot calibration window length")
+    p.add_argument("--quarot-group", type=int, default=64, help="QuaRot weight group size (-1: per channel)")
+    p.add_argument("--kv-context", type=int, default=0, help="also measure the KV cache bytes after a prefill "
+                   "of this many tokens (0: skip)")
     p.add_argument("--redo", action="store_true", help="recompute cells already in results.json")
     p.add_argument("--readme", type=Path, help="also write the table and plots into this README's results block")
+    p.add_argument("--readme-marker", default="results", help="which block: <!-- MARKER:start --> ... :end -->")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -277,6 +337,8 @@ def main():
         print(json.dumps(run_cell(model, spec, args)))
         return 0
 
+    if args.methods == ["QUAROT"]:
+        args.methods = QUAROT_METHODS
     for m in args.methods:
         parse_method(m)
     for m in args.models:
@@ -291,7 +353,10 @@ def main():
     todo = [(m, s) for m in args.models for s in args.methods
             if args.redo or "error" in results.get(f"{m}|{s}", {"error": "todo"})]
     passthrough = ["--ppl-data", str(args.ppl_data), "--seqlen", str(args.seqlen), "--max-windows",
-                   str(args.max_windows), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+                   str(args.max_windows), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                   "--calib", str(args.calib), "--nsamples", str(args.nsamples), "--calib-seqlen",
+                   str(args.calib_seqlen), "--quarot-group", str(args.quarot_group), "--kv-context",
+                   str(args.kv_context)]
     for model, spec in tqdm(todo, desc="benchmark"):
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, spec]), *passthrough],
                               capture_output=True, text=True)
@@ -305,7 +370,7 @@ def main():
                                           if "error" in results[f"{model}|{spec}"] else "done"))
     write_report(results, args.out, args)
     if args.readme:
-        update_readme(args.readme, args.out)
+        update_readme(args.readme, args.out, args.readme_marker)
     print((args.out / "results.md").read_text())
     return 0
 

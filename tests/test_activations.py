@@ -24,13 +24,14 @@ def test_bad_activation_bits():
         Q.quantize_activations(torch.randn(2, 8), 3)
 
 
-@pytest.mark.parametrize("w_bits,a_bits,group", [(4, 4, 32), (4, 8, 64), (8, 8, 64), (4, 8, 128), (3, 4, 32)])
-def test_integer_path_equals_fake_quant_reference(w_bits, a_bits, group):
+@pytest.mark.parametrize("w_bits,a_bits,group,m", [(4, 4, 32, 7), (4, 8, 64, 7), (8, 8, 64, 7), (4, 8, 128, 7),
+                                                  (3, 4, 32, 7), (4, 4, 64, 6000), (4, 8, 256, 6000)])
+def test_integer_path_equals_fake_quant_reference(w_bits, a_bits, group, m):
     torch.manual_seed(0)
     n, k = 48, 256
     w = torch.randn(n, k) * 0.05
     codes, so = Q.quantize_rtn(w, w_bits, group)
-    x = torch.randn(7, k)
+    x = torch.randn(m, k)  # 6000 rows: several row blocks (kernels.INT8_BLOCK_ELEMENTS)
     xc, xs = Q.quantize_activations(x, a_bits)
     y_int = kernels.int8_group_linear(xc, xs, kernels.group_weight_for_int8(codes, w_bits, group), so)
     y_ref = Q.fake_quantize_activations(x, a_bits).double() @ Q.dequantize(codes, so, w_bits, k).double().T

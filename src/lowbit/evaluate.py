@@ -110,6 +110,16 @@ def weight_bytes(model) -> dict:
             "bits_per_weight": 8 * packed / numel if numel else 16.0}
 
 
+@torch.no_grad()
+def kv_cache_bytes(model, context: int) -> int:
+    """Bytes the model's KV cache holds after a prefill of `context` tokens (batch 1)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    cache = model(ids.to(model.device), use_cache=True, logits_to_keep=1).past_key_values
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
 TASKS = ("ppl", "speed", "size")
 WIKITEXT2_LOCAL = "../shared/data/wikitext-2-raw/wikitext-2-raw-v1.test.rows.json"
 

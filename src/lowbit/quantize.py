@@ -93,6 +93,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
 
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
+CLIP_NORM = 2.4
 
 
 @_blockwise
@@ -106,7 +107,7 @@ def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
     for r in CLIP_GRID:
         q, scale, offset = round_to_grid(g, lo0 * r, hi0 * r, bits)
         w_hat = (q - 2 ** (bits - 1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
-        err = ((w_hat - g).abs().pow(2.4) * mask).sum(-1)
+        err = ((w_hat - g).abs().pow(CLIP_NORM) * mask).sum(-1)
         if best is None:
             best_err, best = err, [q, scale, offset]
             continue

@@ -166,16 +166,20 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
     for _, layer, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
         prefix = f"model.layers.{index[id(layer)]}."
         mine = [n for n in names if n.startswith(prefix)]
-        sums, counts, hooks = {}, {}, []
+        sums, counts, hooks, shared = {}, {}, [], {}
         for name in mine:
             def collect(module, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[name] = sums.get(name, 0) + x.T @ x
-                counts[name] = counts.get(name, 0) + x.shape[0]
+                x = args[0]
+                if id(x) not in shared:  # q/k/v (and gate/up) read the same tensor: one product for all
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    shared[id(x)] = (x, flat.T @ flat)
+                sums[name] = sums.get(name, 0) + shared[id(x)][1]
+                counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
             hooks.append(model.get_submodule(name).register_forward_pre_hook(collect))
         try:
             for hidden, kwargs in inputs.batches():
                 layer(hidden, **kwargs)
+                shared.clear()
         finally:
             for h in hooks:
                 h.remove()
@@ -200,10 +204,10 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     check_model(model, config, names)
     progress = _progress()
     ids = calibration_ids(model, config) if config.needs_calibration else None
-    rotation.fuse_norms(model)
-    names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
     hooks = []
     if rotate:
+        rotation.fuse_norms(model)
+        names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
         if config.rotation_method == "pca":
             q = pca_rotation(model, ids, progress)
         else:
