@@ -1,5 +1,6 @@
 """QuaRot: quantize on load, native reload, the integer and KV cache paths against their references."""
 import json
+import re
 
 import pytest
 import torch
@@ -290,3 +291,42 @@ def test_stories_quantizes_and_reloads(stories, tmp_path):
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(_logits(again, ids), logits)
+
+
+def test_cli_quarot_writes_the_tagged_folder(tiny_llama_g32, tmp_path, monkeypatch):
+    from lowbit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--method", "quarot", "-q", "--src", str(tiny_llama_g32), "--bits", "4",
+                 "--acts-bits", "4", "--kv-bits", "4", "--group-size", "32", "--rotation", "hadamard"]) == 0
+    out = tmp_path / f"{tiny_llama_g32.name}-QuaRot_w4_g32_a4_kv4_headfp16"
+    meta = json.loads((out / "quantization_metadata.json").read_text())
+    assert meta["method"] == "lowbit_quarot" and meta["settings"]["a_bits"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "quarot", "--acts-bits", "3"], r"a_bits must be one of \[4, 8, 16\], got 3"),
+    (["--method", "quarot", "--kv-bits", "5"], r"kv_bits must be one of \[4, 8, 16\], got 5"),
+    (["--method", "quarot", "--weight-quantizer", "gptq"], "needs calibration data"),
+    (["--method", "quarot", "--group-size", "64"], "group_size=64 does not divide"),
+    (["--method", "hqq", "--acts-bits", "4"], "--acts-bits only apply to --method quarot"),
+])
+def test_cli_quarot_bad_input_writes_nothing(tiny_llama, tmp_path, capsys, args, match):
+    from lowbit.cli import main
+
+    assert main(["quantize", "-q", "--src", str(tiny_llama), "--dst", str(tmp_path / "out"), *args]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dequantize_folds_the_online_hadamard_back(tiny_llama_g32):
+    cfg = lowbit.QuaRotConfig(w_bits=4, a_bits=16, kv_bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32, quantization_config=cfg)
+    ids = _ids(model.config.vocab_size)
+    kvcache.uninstall(model)  # compare the weights alone
+    quantized = _logits(model, ids)
+    model.dequantize()
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert torch.allclose(_logits(model, ids), quantized, atol=1e-4 * quantized.abs().max().item())

@@ -79,6 +79,8 @@ def int8_group_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_grouped: t
     Long inputs run in row blocks whose [rows, N] partial products stay in cache (3x faster at prefill)."""
     groups, group_size, n = w_grouped.shape
     m = x_codes.shape[0]
+    if 1 < groups and m * groups <= SMALL_M_ROWS:
+        return _int8_group_linear_small_m(x_codes, x_scale, w_grouped, scale_offset)
     rows = max(64, INT8_BLOCK_ELEMENTS // n)
     if m > rows:
         return torch.cat([int8_group_linear(x_codes[i:i + rows], x_scale[i:i + rows], w_grouped, scale_offset)
@@ -91,6 +93,25 @@ def int8_group_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_grouped: t
         return (y + torch._int_mm(x_codes, w_grouped[0]).float() * so[0, :, 0]) * x_scale
     for g in range(groups):
         y.addcmul_(torch._int_mm(xg[:, g].contiguous(), w_grouped[g]).float(), so[g, :, 0])
+    return y.mul_(x_scale)
+
+
+SMALL_M_ROWS = 256  # up to this many (token, group) rows, one block-diagonal product beats a loop
+
+
+def _int8_group_linear_small_m(x_codes, x_scale, w_grouped, scale_offset):
+    """Decode-sized inputs: every group's dot products from one `_int_mm`, the activations spread
+    block-diagonally ([M·groups, K], group g's codes in row (m, g), zeros elsewhere). Python overhead
+    dominates at M = 1, and this is one call instead of one per group."""
+    groups, group_size, n = w_grouped.shape
+    m = x_codes.shape[0]
+    xg = x_codes.view(m, groups, 1, group_size)
+    spread = torch.zeros(m, groups, groups, group_size, dtype=torch.int8, device=x_codes.device)
+    spread.diagonal(dim1=1, dim2=2).copy_(xg.squeeze(2).transpose(1, 2))
+    dots = torch._int_mm(spread.view(m * groups, groups * group_size), w_grouped.view(groups * group_size, n))
+    so = scale_offset.float()
+    y = (dots.view(m, groups, n).float() * so[:, :, 0]).sum(1)
+    y += xg.sum(-1, dtype=torch.int32).view(m, groups).float() @ so[:, :, 1]
     return y.mul_(x_scale)
 
 

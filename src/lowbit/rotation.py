@@ -7,7 +7,8 @@ every reader (q/k/v, gate/up, the head) by Q on its input side, and the model co
 function. Inside a layer, v_proj's output can be rotated per head with Qᵀ folded into o_proj, and
 down_proj's input can be rotated online (the transform is applied at run time, `W·H` fused here).
 
-All weight algebra runs in float64 and is cast back to each weight's dtype once.
+All weight algebra runs in float64 and is cast back to each weight's dtype once, in place and a block
+of rows at a time, so that rotating a 50k-row embedding never holds a float64 copy of it.
 """
 import torch
 from torch import nn
@@ -24,6 +25,16 @@ def check_architecture(model) -> None:
                          f"Llama-shaped MLP); got {name}")
 
 
+ROW_BLOCK = 4096
+
+
+def _update_rows_(weight: torch.Tensor, fn) -> None:
+    """weight[rows] ← fn(weight[rows] in float64), block by block, in place."""
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        block = weight[start:start + ROW_BLOCK]
+        block.copy_(fn(block.double()))
+
+
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     linear.weight.data = weight.to(linear.weight.dtype).contiguous()
     if bias is not None:
@@ -33,7 +44,7 @@ def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _fold_norm(norm: nn.Module, readers) -> None:
     gamma = norm.weight.data.double()
     for lin in readers:
-        _set(lin, lin.weight.data.double() * gamma)
+        _update_rows_(lin.weight.data, lambda w: w * gamma)
     norm.weight.data = torch.ones_like(norm.weight.data)
 
 
@@ -58,17 +69,16 @@ def fuse_norms(model) -> None:
 def rotate_residual(model, q: torch.Tensor) -> None:
     """Rotate the residual stream by the orthogonal `q` [hidden, hidden] (after `fuse_norms`)."""
     q = q.double()
-    emb = model.get_input_embeddings()
-    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
+    _update_rows_(model.get_input_embeddings().weight.data, lambda w: w @ q)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _set(reader, reader.weight.data.double() @ q)
-        for writer in (attn.o_proj, mlp.down_proj):
-            _set(writer, q.T @ writer.weight.data.double(),
-                 None if writer.bias is None else writer.bias.data.double() @ q)
-    head = model.get_output_embeddings()
-    _set(head, head.weight.data.double() @ q)
+            _update_rows_(reader.weight.data, lambda w: w @ q)
+        for writer in (attn.o_proj, mlp.down_proj):  # W ← Qᵀ·W: the rows of Wᵀ times Q
+            _update_rows_(writer.weight.data.T, lambda w: w @ q)
+            if writer.bias is not None:
+                _update_rows_(writer.bias.data.unsqueeze(0), lambda b: b @ q)
+    _update_rows_(model.get_output_embeddings().weight.data, lambda w: w @ q)
 
 
 @torch.no_grad()
@@ -92,5 +102,4 @@ def rotate_values(model) -> None:
 def fuse_down_proj_hadamard(model) -> None:
     """W_down ← W_down·H; the model must then apply H to down_proj's input at run time."""
     for layer in model.model.layers:
-        down = layer.mlp.down_proj
-        _set(down, hadamard.hadamard_transform(down.weight.data.double()))
+        _update_rows_(layer.mlp.down_proj.weight.data, hadamard.hadamard_transform)
