@@ -66,14 +66,14 @@ def prepare_runtime(model: nn.Module) -> None:
     Repacking allocates the new layout beside the old one layer by layer; without a trim, glibc keeps
     the freed blocks between the long-lived ones and the process ends up holding more than the bf16
     model (SmolLM2-135M: 386 MiB peak vs 283 MiB with the trim)."""
-    trim = _malloc_trim()
+    trim = malloc_trim()
     for _, module in quant_linears(model):
         module.prepare_runtime()
         trim()
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
+def malloc_trim():
     try:
         libc = ctypes.CDLL("libc.so.6")
         return lambda: libc.malloc_trim(0)

@@ -151,10 +151,12 @@ def pca_rotation(model, input_ids: torch.Tensor, progress: bool = True) -> torch
 def _rtn(model, names, spec) -> None:
     from tqdm.auto import tqdm
 
+    trim = integration.malloc_trim()
     for name in tqdm(names, desc="quantizing", disable=not _progress()):
         linear = model.get_submodule(name)
         integration.set_module(model, name, QuantLinear.from_linear(linear, solver="rtn_clip", **spec(name, linear)))
         del linear
+        trim()
 
 
 @torch.no_grad()
@@ -190,6 +192,7 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
             solver = lambda w, bits, group_size, dtype, h=hessian: quantize_gptq(w, h, bits, group_size, dtype)  # noqa: E731
             integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **parts))
             done.add(name)
+        integration.malloc_trim()()
     rest = [n for n in names if n not in done]
     if rest:  # outside the decoder layers (a head the user chose to quantize): no Hessian collected there
         logger.info("GPTQ: %s quantized with RTN", ", ".join(rest))
