@@ -114,6 +114,15 @@ class QuantLinear(nn.Module):
         self.layout = "int4_cpu"
         return self
 
+    def set_act_bits(self, act_bits: int) -> None:
+        """Switch activation quantization on or off (e.g. after calibrating weight-only)."""
+        if act_bits not in (4, 8, 16):
+            raise ValueError(f"act_bits must be one of [4, 8, 16], got {act_bits!r}")
+        if act_bits != self.act_bits:
+            self._to_packed_layout()
+            self.act_bits = act_bits
+            self.prepare_runtime()
+
     @torch.no_grad()
     def _to_packed_layout(self):
         codes = self.codes()

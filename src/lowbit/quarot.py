@@ -162,7 +162,8 @@ def _rtn(model, names, spec) -> None:
 @torch.no_grad()
 def _gptq(model, names, spec, input_ids, progress: bool) -> None:
     """Layer by layer: collect each linear's input Hessian on the calibration samples, quantize with GPTQ;
-    the samples then flow through the quantized layer to the next one."""
+    the samples then flow through the layer's quantized weights (activations unquantized, as in QuaRot:
+    it also keeps calibration on the fast weight-only kernels) to the next one."""
     index = {id(layer): i for i, layer in enumerate(model.model.layers)}
     done = set()
     for _, layer, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
@@ -190,9 +191,12 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
             parts = spec(name, linear)
             hessian = 2 * sums.pop(name) / counts[name]
             solver = lambda w, bits, group_size, dtype, h=hessian: quantize_gptq(w, h, bits, group_size, dtype)  # noqa: E731
-            integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **parts))
+            weight_only = {**parts, "act_bits": 16}
+            integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **weight_only))
             done.add(name)
         integration.malloc_trim()()
+    for name in done:
+        model.get_submodule(name).set_act_bits(spec(name, model.get_submodule(name))["act_bits"])
     rest = [n for n in names if n not in done]
     if rest:  # outside the decoder layers (a head the user chose to quantize): no Hessian collected there
         logger.info("GPTQ: %s quantized with RTN", ", ".join(rest))
