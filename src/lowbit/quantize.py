@@ -73,7 +73,10 @@ def _blockwise(quantize_block):
 def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype):
     """Per group, the storage-dtype neighbours of scale and offset (nearest, one step up or down each)
     that reconstruct the group best. They move the grid by less than a rounding step, so unlike a
-    refit they cannot clip the group's largest weights."""
+    refit they cannot clip the group's largest weights. Rounding to nearest instead (what hqq does) was
+    measured: SmolLM2-135M worse at all four 4/3-bit, g64/g128 settings (w3g64: 265.9 vs 256.6, 40×512
+    windows), Qwen2.5-0.5B better at 3-bit g128 (83.64 vs 84.41, 10 windows): noise of the same size
+    as the gap to hqq, so lowbit keeps the choice that lowers every layer's error."""
     if dtype == torch.float32:
         return scale_offset
     g = _grouped(w, group_size)
