@@ -125,6 +125,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
 CLIP_NORM = 2.4
+GPTQ_ACT_ORDER = True
 
 
 @_blockwise
@@ -208,12 +209,15 @@ def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
-                  dtype: torch.dtype = torch.float32, damp: float = 0.01, block_size: int = 128):
-    """GPTQ (Frantar et al., 2022): quantize columns in order, spreading each column's rounding error
-    over the columns not yet quantized through the inverse Hessian (`hessian` = E[x xᵀ] of the
-    layer's inputs, [in, in]). A group's scale/offset comes from `quantize_rtn_clip` on the group's
-    columns as they stand (error updates included) when the group is reached, rounded to `dtype`
-    first, so the storage rounding is compensated too. Requires in_features % group_size == 0."""
+                  dtype: torch.dtype = torch.float32, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = GPTQ_ACT_ORDER):
+    """GPTQ (Frantar et al., 2022): quantize columns one at a time, spreading each column's rounding
+    error over the columns not yet quantized through the inverse Hessian (`hessian` = E[x xᵀ] of the
+    layer's inputs, [in, in]). Scale/offset are rounded to `dtype` before use, so the storage rounding
+    is compensated too. `act_order`: columns in order of decreasing Hessian diagonal, each group's
+    scale/offset fixed beforehand (`quantize_rtn_clip` of the original weights: "static groups", as
+    the order mixes groups); otherwise in storage order, a group's scale/offset taken from its columns
+    as they stand when the group is reached. Requires in_features % group_size == 0."""
     _check(bits, group_size)
     out, k = w.shape
     if k % group_size:
@@ -223,10 +227,17 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    order = torch.arange(k, device=w.device)
+    if act_order:
+        _, scale_offset = quantize_rtn_clip(W, bits, group_size, dtype)
+        static = scale_offset.float()
+        order = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, order], H[order][:, order]
+    else:
+        scale_offset = torch.empty(k // group_size, out, 2, dtype=dtype, device=w.device)
     H += damp * torch.diag(H).mean() * torch.eye(k, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.empty(out, k, dtype=torch.uint8, device=w.device)
-    scale_offset = torch.empty(k // group_size, out, 2, dtype=dtype, device=w.device)
     mid, qmax = 2 ** (bits - 1), 2**bits - 1
     block_size = max(block_size // group_size, 1) * group_size  # groups never straddle blocks
     for b0 in range(0, k, block_size):
@@ -234,8 +245,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
         err = torch.zeros_like(W1)
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group_size == 0:
+            col = int(order[b0 + i])
+            if act_order:
+                scale, offset = static[col // group_size].unbind(-1)
+            elif col % group_size == 0:
                 _, so = quantize_rtn_clip(W1[:, i:i + group_size], bits, group_size, dtype)
                 scale_offset[col // group_size] = so[0]
                 scale, offset = so[0].float().unbind(-1)

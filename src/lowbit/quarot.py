@@ -25,6 +25,7 @@ PRESETS = {
     "w4a8kv8": {"w_bits": 4, "a_bits": 8, "kv_bits": 8},
 }
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel (the whole row)
+CALIBRATION_BATCH = 2  # samples per forward while calibrating: the MLP's activations of a batch dominate peak memory
 
 
 class QuaRotConfig(LowbitConfig):
@@ -139,7 +140,7 @@ def pca_rotation(model, input_ids: torch.Tensor, progress: bool = True) -> torch
     stream (each token's hidden state over its RMS, as the scale-free norms see it), H a Hadamard."""
     d = model.config.hidden_size
     cov = torch.zeros(d, d, dtype=torch.float64)
-    for _, _, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
+    for _, _, inputs in calibration.layer_by_layer(model, input_ids, CALIBRATION_BATCH, progress=progress):
         for hidden, _ in inputs.batches():
             x = hidden.reshape(-1, d).double()
             x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -166,7 +167,7 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
     it also keeps calibration on the fast weight-only kernels) to the next one."""
     index = {id(layer): i for i, layer in enumerate(model.model.layers)}
     done = set()
-    for _, layer, inputs in calibration.layer_by_layer(model, input_ids, progress=progress):
+    for _, layer, inputs in calibration.layer_by_layer(model, input_ids, CALIBRATION_BATCH, progress=progress):
         prefix = f"model.layers.{index[id(layer)]}."
         mine = [n for n in names if n.startswith(prefix)]
         sums, counts, hooks, shared = {}, {}, [], {}
