@@ -139,24 +139,22 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     bf16_bytes = _bf16_bytes(model, path)
 
     result = {"model": model_name, "method": method, "bits": bits, "group_size": group, "spec": spec,
-              "quarot": quarot_settings and {**quarot_config.to_dict()},
+              "quarot": quarot_config.to_dict() if quarot_settings else None,
               "load_quantize_s": quant_s, "peak_rss_increase_bytes": (peak_rss - rss_before) * 1024,
               "peak_anon_rss_increase_bytes": (anon.peak - anon.start) * 1024,
               "bf16_model_bytes": bf16_bytes}
     if method == "hqq":
         result["memory_bytes"], result["bits_per_weight"] = _hqq_sizes(model)
         result["checkpoint_bytes"] = None
-    elif method == "norot":  # an in-memory baseline, not a checkpoint
-        sizes = evaluate.weight_bytes(model)
-        result["memory_bytes"], result["bits_per_weight"] = sizes["memory_bytes"], sizes["bits_per_weight"]
-        result["checkpoint_bytes"] = None
     else:
         sizes = evaluate.weight_bytes(model)
         result["memory_bytes"] = sizes["memory_bytes"]
         result["bits_per_weight"] = sizes["bits_per_weight"] if method != "bf16" else 16.0
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+        result["checkpoint_bytes"] = None  # norot: an in-memory baseline, not a checkpoint
+        if method != "norot":
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
 
     tok = AutoTokenizer.from_pretrained(path)
     text = evaluate.wikitext2_test_text(str(args.ppl_data))

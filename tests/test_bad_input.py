@@ -1,9 +1,7 @@
 """Every documented bad input fails with a clear error, before any work, leaving nothing on disk."""
 import json
-import shutil
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 import lowbit

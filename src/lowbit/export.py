@@ -204,7 +204,7 @@ def summary(meta: dict, dst: str) -> str:
         f"lowbit: {METHODS[meta['method']].title} done in {meta['seconds']:.1f} s",
         f"  source      {meta['source']}",
         f"  output      {dst}",
-        f"  settings    " + ", ".join(f"{k}={v}" for k, v in s.items()),
+        "  settings    " + ", ".join(f"{k}={v}" for k, v in s.items()),
         f"  layers      {len(meta['layers_quantized'])} quantized, {len(meta['layers_kept'])} kept in {meta['dtype']}",
         f"  linears     {_human(meta['linear_bf16_bytes'])} bf16 -> {_human(meta['linear_packed_bytes'])} packed ({ratio:.3f}x)",
         f"  checkpoint  {_human(meta['checkpoint_bytes'])} (model in bf16: {_human(meta['bf16_bytes'])})",

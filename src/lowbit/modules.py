@@ -26,7 +26,13 @@ from .quantize import (dequantize, padded_in_features, quantize_activations, qua
 
 SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn, "rtn_clip": quantize_rtn_clip}
 ACT_CLIP = 0.9  # QuaRot's activation clipping ratio
+ACT_BITS = (4, 8, 16)  # 16: activations stay in the compute dtype
 INPUT_TRANSFORMS = (None, "hadamard")
+
+
+def _check_act_bits(act_bits) -> None:
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be one of {list(ACT_BITS)}, got {act_bits!r}")
 
 
 class QuantLinear(nn.Module):
@@ -34,8 +40,7 @@ class QuantLinear(nn.Module):
                  dtype: torch.dtype = torch.bfloat16, device=None, act_bits: int = 16,
                  input_transform: str | None = None):
         super().__init__()
-        if act_bits not in (4, 8, 16):
-            raise ValueError(f"act_bits must be one of [4, 8, 16], got {act_bits!r}")
+        _check_act_bits(act_bits)
         if input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {list(INPUT_TRANSFORMS)}, got {input_transform!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -116,8 +121,7 @@ class QuantLinear(nn.Module):
 
     def set_act_bits(self, act_bits: int) -> None:
         """Switch activation quantization on or off (e.g. after calibrating weight-only)."""
-        if act_bits not in (4, 8, 16):
-            raise ValueError(f"act_bits must be one of [4, 8, 16], got {act_bits!r}")
+        _check_act_bits(act_bits)
         if act_bits != self.act_bits:
             self._to_packed_layout()
             self.act_bits = act_bits

@@ -125,7 +125,6 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
 CLIP_NORM = 2.4
-GPTQ_ACT_ORDER = True
 
 
 @_blockwise
@@ -210,7 +209,7 @@ def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   dtype: torch.dtype = torch.float32, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = GPTQ_ACT_ORDER):
+                  act_order: bool = True):
     """GPTQ (Frantar et al., 2022): quantize columns one at a time, spreading each column's rounding
     error over the columns not yet quantized through the inverse Hessian (`hessian` = E[x xᵀ] of the
     layer's inputs, [in, in]). Scale/offset are rounded to `dtype` before use, so the storage rounding

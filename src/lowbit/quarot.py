@@ -10,7 +10,6 @@ config alone (`_process_model_before_weight_loading`), so transformers loads it 
 import logging
 
 import torch
-from torch import nn
 
 from . import calibration, hadamard, integration, kvcache, rotation
 from .base import LowbitConfig, LowbitHfQuantizer, check_choice
@@ -236,9 +235,14 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     finally:
         for h in hooks:
             h.remove()
+    prepare_runtime(model, config, rotate_keys=rotate)
+
+
+def prepare_runtime(model, config: QuaRotConfig, rotate_keys: bool = True) -> None:
+    """Kernel layouts for every QuantLinear, and the quantized KV cache when the config asks for one."""
     integration.prepare_runtime(model)
     if config.kv_bits < 16:
-        kvcache.install(model, config.kv_bits, rotate_keys=rotate)
+        kvcache.install(model, config.kv_bits, rotate_keys=rotate_keys)
 
 
 class QuaRotHfQuantizer(LowbitHfQuantizer):
@@ -262,10 +266,8 @@ class QuaRotHfQuantizer(LowbitHfQuantizer):
         cfg = self.quantization_config
         if not self.pre_quantized:
             quantize_model(model, cfg)
-            return model
-        integration.prepare_runtime(model)
-        if cfg.kv_bits < 16:
-            kvcache.install(model, cfg.kv_bits)
+        else:
+            prepare_runtime(model, cfg)
         return model
 
     def _dequantize(self, model, dtype=None):
