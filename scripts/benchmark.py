@@ -4,9 +4,12 @@
     python scripts/benchmark.py --models smollm2-135m qwen2.5-0.5b --out results/
     python scripts/benchmark.py --methods QUAROT --seqlen 2048 --max-windows 4 --kv-context 4096 \
         --out results/quarot --readme README.md --readme-marker quarot-results
+    python scripts/benchmark.py --methods ARHQ --seqlen 2048 --max-windows 4 --nsamples 16 \
+        --out results/arhq --readme README.md --readme-marker arhq-results
 
 Methods (`--methods`, default: the first four at bits 4/3 and groups 64/128; `--methods QUAROT`: bf16,
-for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4):
+for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4; `--methods ARHQ`:
+bf16 and the six NVFP4 rows below):
   bf16                  the unquantized baseline
   lowbit-hqq-w4g64      lowbit.HqqConfig(bits=4, group_size=64), quantized on load
   hqq-w4g64             the `hqq` package's own HQQLinear, same settings (pytorch backend)
@@ -15,6 +18,9 @@ for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4
   quarot-w4a4kv4-gptq   the same with GPTQ weights (calibration: --calib, --nsamples x --calib-seqlen)
   quarot-w4a4kv4-gptq-pca  ... and the PCA residual rotation instead of a plain Hadamard
   norot-w4a4kv4-rtn     the same quantizers (weights, per-token activations, KV cache), no rotation
+  nvfp4-r0[-sq]         lowbit.ArhqConfig(rank=0): plain NVFP4 W4A4 [with smoothing, alpha --smoothing]
+  svdquant-r128[-sq]    lowbit.ArhqConfig(rank=128, decomposition="svdquant") [with smoothing]
+  arhq-r128[-sq]        lowbit.ArhqConfig(rank=128) [with smoothing] (calibration as for GPTQ)
 QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
 The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
 is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
@@ -37,13 +43,21 @@ DEFAULT_METHODS = ["bf16"] + [f"{m}-w{b}g{g}" for m in ("lowbit-hqq", "hqq", "rt
 QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4a8kv8")
                               for m, q in (("norot", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))]
                   + ["quarot-w4a4kv4-rtn-pca", "quarot-w4a4kv4-gptq-pca"])
+ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "arhq-r128") for sq in ("", "-sq")]
 
 
-def parse_method(spec: str):
-    """-> (method, bits, group, quarot settings or None)."""
+def parse_method(spec: str, smoothing: float = 0.5):
+    """-> (method, bits, group, QuaRotConfig / ArhqConfig settings or None)."""
     if spec == "bf16":
         return "bf16", None, None, None
     parts = spec.split("-")
+    if parts[0] in ("nvfp4", "svdquant", "arhq"):
+        rank = parts[1][1:] if len(parts) > 1 and parts[1].startswith("r") else ""
+        if not rank.isdigit() or parts[2:] not in ([], ["sq"]) or (parts[0] == "nvfp4") != (rank == "0"):
+            raise ValueError(f"--methods: unknown NVFP4 method {spec!r}; use nvfp4-r0[-sq], svdquant-rN[-sq] or "
+                             f"arhq-rN[-sq]")
+        return parts[0], 4, 16, {"rank": int(rank), "decomposition": "arhq" if parts[0] == "arhq" else "svdquant",
+                                 "smoothing": smoothing if parts[2:] else None}
     if parts[0] in ("quarot", "norot"):
         from lowbit.quarot import PRESETS
 
@@ -57,7 +71,8 @@ def parse_method(spec: str):
     name, _, wg = spec.rpartition("-")
     if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
         raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG, rtn-wBgG, "
-                         f"quarot-PRESET-rtn|gptq[-pca] or norot-PRESET-rtn|gptq")
+                         f"quarot-PRESET-rtn|gptq[-pca], norot-PRESET-rtn|gptq, nvfp4-r0[-sq], svdquant-rN[-sq] or "
+                         f"arhq-rN[-sq]")
     bits, group = wg[1:].split("g")
     return name, int(bits), int(group), None
 
@@ -110,25 +125,27 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     from lowbit import evaluate
     torch.manual_seed(0)
     path = resolve_model(model_name)
-    method, bits, group, quarot_settings = parse_method(spec)
-    if quarot_settings:
+    method, bits, group, settings = parse_method(spec, args.smoothing)
+    calibration = {"calibration": str(args.calib), "nsamples": args.nsamples, "seqlen": args.calib_seqlen}
+    config = None
+    if method in ("quarot", "norot"):
         group = args.quarot_group
-        quarot_config = lowbit.QuaRotConfig(
-            **quarot_settings, group_size=group, calibration=str(args.calib), nsamples=args.nsamples,
-            seqlen=args.calib_seqlen)
+        config = lowbit.QuaRotConfig(**settings, group_size=group, **calibration)
+    elif settings:
+        config = lowbit.ArhqConfig(**settings, **calibration)
     rss_before = _rss_kib("VmRSS")
     start = time.perf_counter()
     with AnonPeak() as anon:
         if method == "lowbit-hqq":
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.bfloat16, quantization_config=lowbit.HqqConfig(bits=bits, group_size=group))
-        elif method == "quarot":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quarot_config)
         elif method == "norot":
             from lowbit import quarot
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-            quarot.quantize_model(model, quarot_config, rotate=False)
+            quarot.quantize_model(model, config, rotate=False)
+        elif config is not None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
             if method != "bf16":
@@ -139,7 +156,7 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     bf16_bytes = _bf16_bytes(model, path)
 
     result = {"model": model_name, "method": method, "bits": bits, "group_size": group, "spec": spec,
-              "quarot": quarot_config.to_dict() if quarot_settings else None,
+              "config": config.to_dict() if config else None,
               "load_quantize_s": quant_s, "peak_rss_increase_bytes": (peak_rss - rss_before) * 1024,
               "peak_anon_rss_increase_bytes": (anon.peak - anon.start) * 1024,
               "bf16_model_bytes": bf16_bytes}
@@ -280,8 +297,10 @@ def _plots(results: dict, out: Path) -> None:
     models = sorted({r["model"] for r in ok})
     if not models:
         return
+    colors_by_bits = ("lowbit-hqq", "hqq", "rtn")  # labelled by their wBgG suffix, the others by the rest of the spec
     colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green",
-              "quarot": "tab:purple", "norot": "tab:red"}
+              "quarot": "tab:purple", "norot": "tab:red", "nvfp4": "tab:gray", "svdquant": "tab:olive",
+              "arhq": "tab:cyan"}
     for key, label, fname, log in (("ppl", "WikiText-2 perplexity", "ppl_vs_bpw.png", True),
                                    ("decode", "decode tokens/s (batch 1)", "decode_vs_bpw.png", False)):
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -293,7 +312,8 @@ def _plots(results: dict, out: Path) -> None:
                     continue
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=method)
                 for x, y, spec in pts:
-                    label_ = spec.partition("-")[2] if method in ("quarot", "norot") else spec.rpartition("-")[2]
+                    label_ = spec.partition("-")[2] if method != "bf16" and method not in colors_by_bits else \
+                        spec.rpartition("-")[2]
                     ax.annotate(label_ if method != "bf16" else "bf16", (x, y), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
             ax.set_title(model)
@@ -318,9 +338,10 @@ def main():
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--calib", type=Path, default=CALIBRATION, help="QuaRot's GPTQ/PCA calibration text")
-    p.add_argument("--nsamples", type=int, default=128, help="QuaRot calibration windows")
-    p.add_argument("--calib-seqlen", type=int, default=2048, help="QuaRot calibration window length")
+    p.add_argument("--calib", type=Path, default=CALIBRATION, help="calibration text (QuaRot GPTQ/PCA, ARHQ)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length")
+    p.add_argument("--smoothing", type=float, default=0.5, help="migration strength of the -sq NVFP4 methods")
     p.add_argument("--quarot-group", type=int, default=64, help="QuaRot weight group size (-1: per channel)")
     p.add_argument("--kv-context", type=int, default=0, help="also measure the KV cache bytes after a prefill "
                    "of this many tokens (0: skip)")
@@ -335,8 +356,7 @@ def main():
         print(json.dumps(run_cell(model, spec, args)))
         return 0
 
-    if args.methods == ["QUAROT"]:
-        args.methods = QUAROT_METHODS
+    args.methods = {"QUAROT": QUAROT_METHODS, "ARHQ": ARHQ_METHODS}.get(" ".join(args.methods), args.methods)
     for m in args.methods:
         parse_method(m)
     for m in args.models:
@@ -354,14 +374,14 @@ def main():
                    str(args.max_windows), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                    "--calib", str(args.calib), "--nsamples", str(args.nsamples), "--calib-seqlen",
                    str(args.calib_seqlen), "--quarot-group", str(args.quarot_group), "--kv-context",
-                   str(args.kv_context)]
+                   str(args.kv_context), "--smoothing", str(args.smoothing)]
     for model, spec in tqdm(todo, desc="benchmark"):
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, spec]), *passthrough],
                               capture_output=True, text=True)
         if proc.returncode == 0:
             results[f"{model}|{spec}"] = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
-            results[f"{model}|{spec}"] = {"model": model, "spec": spec, "method": parse_method(spec)[0],
+            results[f"{model}|{spec}"] = {"model": model, "spec": spec, "method": parse_method(spec, args.smoothing)[0],
                                           "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "crashed"}
         results_file.write_text(json.dumps(results, indent=1) + "\n")
         tqdm.write(f"{model} {spec}: " + ("failed: " + results[f'{model}|{spec}']['error']

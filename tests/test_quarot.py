@@ -310,7 +310,7 @@ def test_cli_quarot_writes_the_tagged_folder(tiny_llama_g32, tmp_path, monkeypat
     (["--method", "quarot", "--kv-bits", "5"], r"kv_bits must be one of \[4, 8, 16\], got 5"),
     (["--method", "quarot", "--weight-quantizer", "gptq"], "needs calibration data"),
     (["--method", "quarot", "--group-size", "64"], "group_size=64 does not divide"),
-    (["--method", "hqq", "--acts-bits", "4"], "--acts-bits only apply to --method quarot"),
+    (["--method", "hqq", "--acts-bits", "4"], "--acts-bits cannot be used with --method hqq"),
 ])
 def test_cli_quarot_bad_input_writes_nothing(tiny_llama, tmp_path, capsys, args, match):
     from lowbit.cli import main

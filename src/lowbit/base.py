@@ -37,6 +37,20 @@ class LowbitConfig(QuantizationConfigMixin):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {mods!r}")
 
 
+def check_calibration(config) -> None:
+    """The calibration fields every calibrating method shares: calibration, nsamples, seqlen, seed."""
+    for name in ("nsamples", "seqlen", "seed"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
+                             f"got {value!r}")
+    cal = config.calibration
+    if cal is not None and not (isinstance(cal, str) and cal) and not (
+            isinstance(cal, list) and cal and all(isinstance(s, str) for s in cal)):
+        raise ValueError(f"calibration must be None, a text file path, a non-empty list of strings or a "
+                         f"datasets name, got {cal!r}")
+
+
 def check_choice(name: str, value, allowed) -> None:
     if isinstance(value, bool) or value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -52,6 +52,17 @@ def calibration_ids(tokenizer, source, nsamples: int, seqlen: int, seed: int = 1
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
+def model_calibration_ids(model, config) -> torch.Tensor:
+    """`calibration_ids` for a config's calibration fields, tokenized by the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except Exception as err:
+        raise ValueError(f"calibration needs the tokenizer of {model.name_or_path!r}: {err}") from err
+    return calibration_ids(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
+
+
 class _Captured(Exception):
     pass
 
@@ -108,3 +119,32 @@ def layer_by_layer(model, input_ids: torch.Tensor, batch_size: int = 8, progress
     for index, layer in enumerate(tqdm(model.model.layers, desc="layers", disable=not progress)):
         yield index, layer, inputs
         run_layer(layer, inputs)
+
+
+@torch.no_grad()
+def input_statistics(layer, inputs: LayerInputs, modules: dict, stat, reduce):
+    """Run the samples through `layer` and reduce `stat(x)` over every input x [tokens, features] of each
+    named submodule: ({name: statistic}, {name: tokens seen}). Submodules reading the same tensor (q/k/v,
+    gate/up) share one computation and one result object."""
+    results, counts, owner, hooks = {}, {}, {}, []
+
+    def observe(module, args, name):
+        x = args[0]
+        first = owner.setdefault(id(x), (x, name))[1]  # x held: its id must not be reused within the batch
+        if first == name:
+            value = stat(x.reshape(-1, x.shape[-1]))
+            results[name] = value if name not in results else reduce(results[name], value)
+            counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
+        else:
+            results[name], counts[name] = results[first], counts[first]
+
+    for name, module in modules.items():
+        hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: observe(m, args, name)))
+    try:
+        for hidden, kwargs in inputs.batches():
+            layer(hidden, **kwargs)
+            owner.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return results, counts

@@ -5,9 +5,17 @@ import os
 import shlex
 import sys
 
-METHOD_CHOICES = ("hqq", "quarot")
-QUAROT_ONLY = {"acts_bits": "--acts-bits", "kv_bits": "--kv-bits", "rotation": "--rotation", "calib": "--calib",
-               "weight_quantizer": "--weight-quantizer", "nsamples": "--nsamples", "calib_seqlen": "--calib-seqlen"}
+METHOD_CHOICES = ("hqq", "quarot", "arhq")
+# flags that only some methods read: attribute -> (flag, the methods it applies to)
+METHOD_FLAGS = {
+    "bits": ("--bits", ("hqq", "quarot")), "group_size": ("--group-size", ("hqq", "quarot")),
+    "acts_bits": ("--acts-bits", ("quarot",)), "kv_bits": ("--kv-bits", ("quarot",)),
+    "rotation": ("--rotation", ("quarot",)), "weight_quantizer": ("--weight-quantizer", ("quarot",)),
+    "rank": ("--rank", ("arhq",)), "decomposition": ("--decomposition", ("arhq",)),
+    "smoothing": ("--smoothing", ("arhq",)),
+    "calib": ("--calib", ("quarot", "arhq")), "nsamples": ("--nsamples", ("quarot", "arhq")),
+    "calib_seqlen": ("--calib-seqlen", ("quarot", "arhq")),
+}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -17,19 +25,24 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", required=True, choices=METHOD_CHOICES)
     q.add_argument("--src", required=True, help="local model folder or Hugging Face Hub repo id")
     q.add_argument("--dst", help="output folder (default: ./<src name>-<tag>, e.g. ./model-HQQ_w4_g64_headfp16)")
-    q.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
-    q.add_argument("--group-size", type=int, default=64, help="input channels per scale/offset (default 64)")
+    q.add_argument("--bits", type=int, help="hqq, quarot: weight bits: 2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, help="hqq, quarot: input channels per scale/offset (default 64)")
     q.add_argument("--keep-lm-head-fp16", action="store_true",
                    help="hqq: keep the output head unquantized (a head tied to the embeddings always is); "
-                        "quarot always keeps it")
+                        "quarot and arhq always keep it")
     qr = q.add_argument_group("quarot")
     qr.add_argument("--acts-bits", type=int, help="activation bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--kv-bits", type=int, help="KV cache bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--rotation", help="hadamard (default) or pca (needs --calib)")
     qr.add_argument("--weight-quantizer", help="rtn (default, clipping search) or gptq (needs --calib)")
-    qr.add_argument("--calib", help="calibration text file (or a datasets name when the Hub is reachable)")
-    qr.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    qr.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 2048)")
+    qa = q.add_argument_group("arhq")
+    qa.add_argument("--rank", type=int, help="rank of the low-rank branch, 0 = plain NVFP4 (default 128)")
+    qa.add_argument("--decomposition", help="arhq (default, needs --calib) or svdquant")
+    qa.add_argument("--smoothing", type=float, help="SmoothQuant migration strength alpha in [0, 1] (needs --calib)")
+    qc = q.add_argument_group("calibration (quarot, arhq)")
+    qc.add_argument("--calib", help="calibration text file (or a datasets name when the Hub is reachable)")
+    qc.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
+    qc.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 2048)")
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13)
@@ -52,21 +65,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
+    extra = [flag for attr, (flag, methods) in METHOD_FLAGS.items()
+             if getattr(args, attr) is not None and args.method not in methods]
+    if extra:
+        raise ValueError(f"{', '.join(extra)} cannot be used with --method {args.method}")
+    calibration = {"calibration": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen}
+    bits = 4 if args.bits is None else args.bits
+    group_size = 64 if args.group_size is None else args.group_size
     if args.method == "quarot":
         from .quarot import QuaRotConfig
 
         given = {"a_bits": args.acts_bits, "kv_bits": args.kv_bits, "rotation_method": args.rotation,
-                 "weight_quantizer": args.weight_quantizer, "calibration": args.calib,
-                 "nsamples": args.nsamples, "seqlen": args.calib_seqlen}
-        return QuaRotConfig(w_bits=args.bits, group_size=args.group_size, seed=args.seed,
+                 "weight_quantizer": args.weight_quantizer, **calibration}
+        return QuaRotConfig(w_bits=bits, group_size=group_size, seed=args.seed,
                             **{k: v for k, v in given.items() if v is not None})
+    if args.method == "arhq":
+        from .arhq import ArhqConfig
+
+        given = {"rank": args.rank, "decomposition": args.decomposition, "smoothing": args.smoothing, **calibration}
+        return ArhqConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     from .hqq import HqqConfig
 
-    extra = [flag for attr, flag in QUAROT_ONLY.items() if getattr(args, attr) is not None]
-    if extra:
-        raise ValueError(f"{', '.join(extra)} only apply to --method quarot")
     keep_head = ["lm_head"] if args.keep_lm_head_fp16 else []
-    return HqqConfig(bits=args.bits, group_size=args.group_size, modules_to_not_convert=keep_head)
+    return HqqConfig(bits=bits, group_size=group_size, modules_to_not_convert=keep_head)
 
 
 def quantize_command(args) -> int:

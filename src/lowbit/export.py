@@ -37,18 +37,25 @@ METHODS = {
         "QuaRot", "Hadamard (or PCA) rotations fused into the weights so that weights, activations and the "
         "KV cache quantize without outliers; packed weights, per-token quantized activations multiplied in "
         "integers, and a packed KV cache."),
+    "lowbit_arhq": MethodInfo(
+        "ARHQ", "NVFP4 weights and activations (E2M1 values, FP8 E4M3 scales per 16) with a low-rank branch in "
+        "the compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top "
+        "singular directions (SVDQuant)."),
 }
 
 
 def naming_tag(config, head_kept: bool) -> str:
     """The tag of the original tools: `HQQ_w4_g64[_headfp16]`, `QuaRot_w4_g64_a4_kv4[_gptq][_pca]_headfp16`
-    (a8 and kv8 are left out, as there)."""
+    (a8 and kv8 are left out, as there); ours for ARHQ: `ARHQ|SVDQuant_nvfp4_r128[_sq0.5]_headfp16`."""
     title = METHODS[config.quant_method].title
     if config.quant_method == "lowbit_quarot":
         tag = f"{title}_w{config.w_bits}_g{config.group_size}"
         tag += "".join(f"_{k}{b}" for k, b in (("a", config.a_bits), ("kv", config.kv_bits)) if b != 8)
         tag += "_gptq" if config.weight_quantizer == "gptq" else ""
         tag += "_pca" if config.rotation_method == "pca" else ""
+    elif config.quant_method == "lowbit_arhq":
+        tag = f"{'ARHQ' if config.decomposition == 'arhq' else 'SVDQuant'}_nvfp4_r{config.rank}"
+        tag += f"_sq{config.smoothing:g}" if config.smoothing is not None else ""
     else:
         tag = f"{title}_w{config.bits}_g{config.group_size}"
     return tag + ("_headfp16" if head_kept else "")

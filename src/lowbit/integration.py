@@ -8,7 +8,9 @@ import struct
 import torch
 from torch import nn
 
-from .modules import QuantLinear
+from .modules import Nvfp4Linear, QuantLinear
+
+QUANTIZED_MODULES = (QuantLinear, Nvfp4Linear)
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +34,12 @@ def linears_to_quantize(model: nn.Module, modules_to_not_convert) -> list[str]:
     return names
 
 
-def replace_with_quant_linear(model: nn.Module, names, dtype: torch.dtype, with_placeholder: bool, spec) -> None:
-    """Swap the named nn.Linear modules for empty QuantLinear modules on the meta device.
+def replace_with_quant_linear(model: nn.Module, names, dtype: torch.dtype, with_placeholder: bool, spec,
+                              module_cls=QuantLinear) -> None:
+    """Swap the named nn.Linear modules for empty `module_cls` modules on the meta device.
 
-    `spec(name, linear)` gives each QuantLinear's parts (bits, group_size, act_bits, input_transform).
+    `spec(name, linear)` gives each module's parts (QuantLinear: bits, group_size, act_bits,
+    input_transform; Nvfp4Linear: rank, smooth).
     `with_placeholder` keeps a meta `weight` Parameter so the loader routes the fp checkpoint weight
     to the quantize-on-load op (a checkpoint key only loads if the meta model has that name)."""
     for name in names:
@@ -43,7 +47,7 @@ def replace_with_quant_linear(model: nn.Module, names, dtype: torch.dtype, with_
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         with torch.device("meta"):
-            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
+            q = module_cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype,
                             **spec(name, linear))
             if with_placeholder:
                 q.weight = nn.Parameter(torch.empty(linear.out_features, linear.in_features, dtype=dtype),
@@ -57,7 +61,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quant_linears(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)]
 
 
 def prepare_runtime(model: nn.Module) -> None:
@@ -70,6 +74,13 @@ def prepare_runtime(model: nn.Module) -> None:
     for _, module in quant_linears(model):
         module.prepare_runtime()
         trim()
+
+
+def progress_enabled() -> bool:
+    """Progress bars follow transformers' switch (`disable_progress_bar()`, `HF_HUB_DISABLE_PROGRESS_BARS`)."""
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.is_progress_bar_enabled()
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,9 +108,6 @@ def _safetensors_header(path: str) -> dict:
     return header
 
 
-_ST_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def verify_checkpoint(model: nn.Module, checkpoint_files) -> None:
     """Fail loudly, before loading, if a lowbit checkpoint lacks a quantized tensor or has a wrong shape.
 
@@ -111,9 +119,8 @@ def verify_checkpoint(model: nn.Module, checkpoint_files) -> None:
     for f in files:
         header.update(_safetensors_header(str(f)))
     for name, module in quant_linears(model):
-        for buf in ("qweight", "scale_offset"):
+        for buf, expected in module.state_dict().items():
             key = f"{name}.{buf}"
-            expected = getattr(module, buf)
             if key not in header:
                 raise ValueError(f"lowbit checkpoint is missing tensor {key!r} (expected {expected.dtype} "
                                  f"{list(expected.shape)}): the checkpoint is incomplete or was tampered with")
@@ -154,7 +161,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     for name, module in quant_linears(model):
         w = module.dequantize_weight(torch.float32)
-        if module.input_transform == "hadamard":
+        if getattr(module, "input_transform", None) == "hadamard":
             w = hadamard_transform(w, inverse=True)
         w = w.to(dtype)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

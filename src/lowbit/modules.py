@@ -19,7 +19,7 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 import torch
 from torch import nn
 
-from . import kernels, packing
+from . import kernels, nvfp4, packing
 from .hadamard import hadamard_transform
 from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_rtn,
                        quantize_rtn_clip)
@@ -176,3 +176,88 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}, act_bits={self.act_bits}, "
                 f"input_transform={self.input_transform}, layout={self.layout}")
+
+
+class Nvfp4Linear(nn.Module):
+    """y = Q(x)·Q(W_res)ᵀ + x·Lᵀ (ARHQ, SVDQuant): the residual weight and its input in NVFP4, a low-rank
+    branch L = lora_up·lora_down in the compute dtype beside them.
+
+    Persistent buffers (what the checkpoint holds):
+    - `qweight`      uint8 [out, in / 2], E2M1 codes, two per byte (`nvfp4.pack`)
+    - `block_scales` float8_e4m3fn [out, in / 16], `tensor_scale` float32 []
+    - `lora_down`    compute dtype [rank, in], `lora_up` [out, rank] (rank > 0)
+    - `smooth_scale` compute dtype [in] when smoothing could not be folded into the layer before: the
+      module reads x / smooth_scale and its weights hold W·diag(smooth_scale)
+    - `bias`         compute dtype [out] (optional)
+    No CPU kernel computes in NVFP4, so the arithmetic is simulated: the residual is dequantized at each
+    call (memory holds the packed 4.5 bits per weight, not a float copy) and the input is rounded to
+    NVFP4 per token (a per-token tensor scale: each token's result is independent of its batch).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, smooth: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if in_features % nvfp4.BLOCK_SIZE:
+            raise ValueError(f"NVFP4 needs in_features to be a multiple of {nvfp4.BLOCK_SIZE}, got {in_features}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < min(in_features, out_features):
+            raise ValueError(f"rank must be an integer in [0, min(in_features, out_features)) = "
+                             f"[0, {min(in_features, out_features)}), got {rank!r}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        empty = lambda *shape, dtype=dtype: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.register_buffer("qweight", empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("block_scales", empty(out_features, in_features // nvfp4.BLOCK_SIZE,
+                                                   dtype=torch.float8_e4m3fn))
+        self.register_buffer("tensor_scale", empty((), dtype=torch.float32))
+        self.register_buffer("lora_down", empty(rank, in_features) if rank else None)
+        self.register_buffer("lora_up", empty(out_features, rank) if rank else None)
+        self.register_buffer("smooth_scale", empty(in_features) if smooth else None)
+        self.bias = nn.Parameter(empty(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, lora_up=None, lora_down=None,
+                    smooth_scale=None, dtype: torch.dtype | None = None) -> "Nvfp4Linear":
+        """`weight` is the full (smoothed) W; the residual W − lora_up·lora_down is what gets quantized."""
+        dtype = dtype or weight.dtype
+        out, k = weight.shape
+        rank = 0 if lora_up is None else lora_up.shape[1]
+        module = cls(k, out, bias is not None, rank, smooth_scale is not None, dtype=dtype, device=weight.device)
+        residual = weight.float()
+        if rank:
+            module.lora_up.copy_(lora_up)
+            module.lora_down.copy_(lora_down)
+            residual = residual - module.lora_up.float() @ module.lora_down.float()  # the branch as stored
+        module.qweight, module.block_scales, module.tensor_scale = nvfp4.quantize(residual)
+        if smooth_scale is not None:
+            module.smooth_scale.copy_(smooth_scale)
+        if bias is not None:
+            module.bias.data = bias.detach().to(dtype)
+        return module
+
+    def dequantize_residual(self, dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4.dequantize(self.qweight, self.block_scales, self.tensor_scale, dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The W a plain Linear needs to compute this layer without its input quantization."""
+        w = self.dequantize_residual(torch.float32)
+        if self.rank:
+            w = w + self.lora_up.float() @ self.lora_down.float()
+        if self.smooth_scale is not None:
+            w = w / self.smooth_scale.float()
+        return w.to(dtype)
+
+    def prepare_runtime(self) -> "Nvfp4Linear":
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), self.dequantize_residual(x.dtype), bias)
+        if self.rank:
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, smooth={self.smooth_scale is not None}")

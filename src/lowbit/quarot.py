@@ -12,7 +12,7 @@ import logging
 import torch
 
 from . import calibration, hadamard, integration, kvcache, rotation
-from .base import LowbitConfig, LowbitHfQuantizer, check_choice
+from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
 from .modules import QuantLinear
 from .quantize import quantize_gptq
 
@@ -63,17 +63,8 @@ class QuaRotConfig(LowbitConfig):
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("rotation_method", self.rotation_method, ("hadamard", "pca"))
         check_choice("weight_quantizer", self.weight_quantizer, ("rtn", "gptq"))
-        for name in ("nsamples", "seqlen", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
-                                 f"got {value!r}")
-        cal = self.calibration
-        if cal is not None and not (isinstance(cal, str) and cal) and not (
-                isinstance(cal, list) and cal and all(isinstance(s, str) for s in cal)):
-            raise ValueError(f"calibration must be None, a text file path, a non-empty list of strings or a "
-                             f"datasets name, got {cal!r}")
-        if self.needs_calibration and cal is None:
+        check_calibration(self)
+        if self.needs_calibration and self.calibration is None:
             needs = [f"{k}={getattr(self, k)!r}" for k, v in (("weight_quantizer", "gptq"), ("rotation_method", "pca"))
                      if getattr(self, k) == v]
             raise ValueError(f"{' and '.join(needs)} needs calibration data: pass calibration= a text file, a list "
@@ -117,22 +108,6 @@ def check_model(model, config: QuaRotConfig, names) -> None:
                              f"input width, or group_size=-1 (one group per output channel)")
 
 
-def _progress() -> bool:
-    from transformers.utils import logging as hf_logging
-
-    return hf_logging.is_progress_bar_enabled()
-
-
-def calibration_ids(model, config: QuaRotConfig) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    except Exception as err:
-        raise ValueError(f"calibration needs the tokenizer of {model.name_or_path!r}: {err}") from err
-    return calibration.calibration_ids(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
-
-
 @torch.no_grad()
 def pca_rotation(model, input_ids: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """Q = U·H: U the principal axes (largest variance first) of what the layers read from the residual
@@ -152,7 +127,7 @@ def _rtn(model, names, spec) -> None:
     from tqdm.auto import tqdm
 
     trim = integration.malloc_trim()
-    for name in tqdm(names, desc="quantizing", disable=not _progress()):
+    for name in tqdm(names, desc="quantizing", disable=not integration.progress_enabled()):
         linear = model.get_submodule(name)
         integration.set_module(model, name, QuantLinear.from_linear(linear, solver="rtn_clip", **spec(name, linear)))
         del linear
@@ -169,27 +144,12 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
     for _, layer, inputs in calibration.layer_by_layer(model, input_ids, CALIBRATION_BATCH, progress=progress):
         prefix = f"model.layers.{index[id(layer)]}."
         mine = [n for n in names if n.startswith(prefix)]
-        sums, counts, hooks, shared = {}, {}, [], {}
-        for name in mine:
-            def collect(module, args, name=name):
-                x = args[0]
-                if id(x) not in shared:  # q/k/v (and gate/up) read the same tensor: one product for all
-                    flat = x.reshape(-1, x.shape[-1]).float()
-                    shared[id(x)] = (x, flat.T @ flat)
-                sums[name] = sums.get(name, 0) + shared[id(x)][1]
-                counts[name] = counts.get(name, 0) + x.numel() // x.shape[-1]
-            hooks.append(model.get_submodule(name).register_forward_pre_hook(collect))
-        try:
-            for hidden, kwargs in inputs.batches():
-                layer(hidden, **kwargs)
-                shared.clear()
-        finally:
-            for h in hooks:
-                h.remove()
+        sums, counts = calibration.input_statistics(layer, inputs, {n: model.get_submodule(n) for n in mine},
+                                                    lambda x: x.float().T @ x.float(), torch.add)
         for name in mine:
             linear = model.get_submodule(name)
             parts = spec(name, linear)
-            hessian = 2 * sums.pop(name) / counts[name]
+            hessian = 2 * sums[name] / counts[name]
             solver = lambda w, bits, group_size, dtype, h=hessian: quantize_gptq(w, h, bits, group_size, dtype)  # noqa: E731
             weight_only = {**parts, "act_bits": 16}
             integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **weight_only))
@@ -209,8 +169,8 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     rotation: the baseline QuaRot is measured against."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
-    progress = _progress()
-    ids = calibration_ids(model, config) if config.needs_calibration else None
+    progress = integration.progress_enabled()
+    ids = calibration.model_calibration_ids(model, config) if config.needs_calibration else None
     hooks = []
     if rotate:
         rotation.fuse_norms(model)

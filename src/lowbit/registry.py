@@ -2,11 +2,13 @@
 
 
 def methods() -> dict:
+    from .arhq import ArhqConfig, ArhqHfQuantizer
     from .hqq import HqqConfig, HqqHfQuantizer
     from .quarot import QuaRotConfig, QuaRotHfQuantizer
 
     return {HqqConfig.quant_method: (HqqConfig, HqqHfQuantizer),
-            QuaRotConfig.quant_method: (QuaRotConfig, QuaRotHfQuantizer)}
+            QuaRotConfig.quant_method: (QuaRotConfig, QuaRotHfQuantizer),
+            ArhqConfig.quant_method: (ArhqConfig, ArhqHfQuantizer)}
 
 
 def register_all() -> None:

@@ -1,0 +1,226 @@
+"""ARHQ: W = W_res + L with a low-rank branch L = B·Aᵀ in the compute dtype and the residual, as well as
+its input, in NVFP4; SVDQuant (Li et al., 2024) as the baseline decomposition.
+
+SVDQuant takes L as the best rank-r approximation of W. ARHQ chooses L for the error that activation
+quantization pushes through the layer: with E_x = X − Q_x(X) and G = E_xᵀE_x / N (the activation residual
+Hessian), the branch minimises ‖E_x (W − L)ᵀ‖_F over rank(L) ≤ r. Writing G = G^{1/2}·G^{1/2}, that is
+the truncated SVD of W·G^{1/2}, mapped back by G^{-1/2} (G damped so that its inverse root is tame).
+
+Optional SmoothQuant-style smoothing (per input channel s_j = max|X_j|^α / max|W_j|^(1−α)) runs first
+and both decompositions see the smoothed layer. It is folded into the preceding RMSNorm for q/k/v and
+gate/up, into up_proj's rows for down_proj, and kept in the module (`smooth_scale`) for o_proj: its
+input comes out of attention, where a grouped-query model shares one value channel between several
+o_proj inputs.
+
+Layers whose input width is not a multiple of 16 (the NVFP4 block) stay in the compute dtype; they
+are listed in the save metadata (`layers_kept`). Reload builds the Nvfp4Linear modules from the
+config alone, so transformers loads the checkpoint like any other.
+"""
+import logging
+
+import torch
+
+from . import calibration, integration, nvfp4, rotation
+from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
+from .modules import Nvfp4Linear
+
+logger = logging.getLogger(__name__)
+
+DECOMPOSITIONS = ("arhq", "svdquant")
+DAMP = 0.01  # G + DAMP·mean(diag G)·I, as GPTQ damps its Hessian
+CALIBRATION_BATCH = 2
+
+
+class ArhqConfig(LowbitConfig):
+    """NVFP4 W4A4 with a low-rank branch.
+
+    Args:
+        rank: rank of the branch B·Aᵀ (0: plain NVFP4, no branch).
+        decomposition: "arhq" (activation-residual Hessian, needs `calibration`) or "svdquant" (the
+            best rank-r approximation of W; calibration-free unless smoothing).
+        smoothing: None, or SmoothQuant's migration strength alpha in [0, 1] (needs `calibration`).
+        calibration: a local text file, a list of strings, or a `datasets` name ("name[:subset]").
+        nsamples, seqlen: calibration windows and their length in tokens; seed picks the windows.
+        modules_to_not_convert: module names kept in the compute dtype (the head by default).
+    """
+
+    quant_method = "lowbit_arhq"
+    _fields = {"rank": 128, "decomposition": "arhq", "smoothing": None, "calibration": None, "nsamples": 128,
+               "seqlen": 2048, "seed": 13, "modules_to_not_convert": ["lm_head"]}
+
+    def validate(self):
+        super().validate()
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative integer (0 = no low-rank branch), got {self.rank!r}")
+        check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
+        alpha = self.smoothing
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+            raise ValueError(f"smoothing must be None or a migration strength alpha in [0, 1], got {alpha!r}")
+        check_calibration(self)
+        if self.needs_calibration and self.calibration is None:
+            needs = ([f"decomposition='arhq' with rank={self.rank}"] if self.decomposition == "arhq" and self.rank
+                     else []) + ([f"smoothing={alpha}"] if alpha is not None else [])
+            raise ValueError(f"{' and '.join(needs)} needs calibration data: pass calibration= a text file, a list "
+                             f"of strings or a datasets name (or use decomposition='svdquant' without smoothing)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.decomposition == "arhq" and self.rank > 0) or self.smoothing is not None
+
+
+def quantized_names(model, config: ArhqConfig) -> list[str]:
+    """The linears that become Nvfp4Linear: those the config targets whose input width NVFP4's blocks
+    tile (a deterministic rule, so quantize and reload agree)."""
+    names = integration.linears_to_quantize(model, config.modules_to_not_convert)
+    kept = [n for n in names if model.get_submodule(n).in_features % nvfp4.BLOCK_SIZE]
+    if kept:
+        logger.info("ARHQ: %s kept in the compute dtype (input width not a multiple of %d)", ", ".join(kept),
+                    nvfp4.BLOCK_SIZE)
+    return [n for n in names if n not in kept]
+
+
+def check_model(model, config: ArhqConfig, names) -> None:
+    if config.smoothing is not None:
+        rotation.check_architecture(model)  # folding needs to know which norm feeds which linear
+    for name in names:
+        linear = model.get_submodule(name)
+        if config.rank >= min(linear.in_features, linear.out_features):
+            raise ValueError(f"rank={config.rank} must be below min(in_features, out_features) = "
+                             f"{min(linear.in_features, linear.out_features)} of {name}")
+
+
+def _keeps_smooth_scale(config: ArhqConfig, name: str) -> bool:
+    return config.smoothing is not None and name.endswith("self_attn.o_proj")
+
+
+@torch.no_grad()
+def low_rank_branch(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = None):
+    """(B [out, rank], Aᵀ [rank, in]) in float32. `hessian` None: SVDQuant, the top-rank SVD of W;
+    else ARHQ: argmin ‖(W − B·Aᵀ)·G^{1/2}‖_F = SVD_r(W·G^{1/2})·G^{-1/2}."""
+    w = weight.double()
+    if hessian is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
+    g = hessian.double()
+    g = g + DAMP * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    e, v = torch.linalg.eigh(g)
+    u, s, vh = torch.linalg.svd(w @ (v * e.sqrt()) @ v.T, full_matrices=False)
+    return (u[:, :rank] * s[:rank]).float(), (vh[:rank] @ (v * e.rsqrt()) @ v.T).float()
+
+
+def arhq_objective(weight: torch.Tensor, branch, x: torch.Tensor) -> float:
+    """‖E_x (W − L)ᵀ‖_F² / N for the inputs `x` [N, in]: what ARHQ minimises."""
+    e = (x - nvfp4.fake_quantize_per_token(x)).double()
+    residual = weight.double() - (branch[0].double() @ branch[1].double() if branch else 0)
+    return float((e @ residual.T).pow(2).sum() / x.shape[0])
+
+
+def activation_residual_hessian(x: torch.Tensor) -> torch.Tensor:
+    """E_xᵀE_x (summed, float32) for the inputs x [N, in]."""
+    e = (x.float() - nvfp4.fake_quantize_per_token(x.float()))
+    return e.T @ e
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1−α) over every weight reading channel j."""
+    w_absmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
+    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+@torch.no_grad()
+def _smooth_layer(layer, inputs, alpha: float) -> dict:
+    """Fold smoothing into one decoder layer (the fp function is unchanged); returns o_proj's scale,
+    which stays in the module: until then a pre-hook divides o_proj's input (call `remove` on it)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    readers = {"attn": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+               "mlp": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+    absmax, _ = calibration.input_statistics(layer, inputs, {k: v[0] for k, v in readers.items()},
+                                             lambda x: x.abs().amax(0).float(), torch.maximum)
+    for norm, key in ((layer.input_layernorm, "attn"), (layer.post_attention_layernorm, "mlp")):
+        s = smoothing_scales(absmax[key], [m.weight for m in readers[key]], alpha)
+        norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
+        for m in readers[key]:
+            m.weight.data = (m.weight.data.float() * s).to(m.weight.dtype)
+    s = smoothing_scales(absmax["down"], [mlp.down_proj.weight], alpha)
+    mlp.up_proj.weight.data = (mlp.up_proj.weight.data.float() / s[:, None]).to(mlp.up_proj.weight.dtype)
+    if mlp.up_proj.bias is not None:
+        mlp.up_proj.bias.data = (mlp.up_proj.bias.data.float() / s).to(mlp.up_proj.bias.dtype)
+    mlp.down_proj.weight.data = (mlp.down_proj.weight.data.float() * s).to(mlp.down_proj.weight.dtype)
+    s_o = smoothing_scales(absmax["o"], [attn.o_proj.weight], alpha).to(attn.o_proj.weight.dtype)
+    attn.o_proj.weight.data = (attn.o_proj.weight.data.float() * s_o.float()).to(attn.o_proj.weight.dtype)
+    hook = attn.o_proj.register_forward_pre_hook(lambda m, args: (args[0] / s_o.to(args[0].dtype),))
+    return {"scale": s_o, "hook": hook}
+
+
+def _quantize_linear(model, name: str, rank: int, hessian, smooth_scale=None) -> None:
+    linear = model.get_submodule(name)
+    branch = low_rank_branch(linear.weight, rank, hessian) if rank else (None, None)
+    module = Nvfp4Linear.from_weight(linear.weight.data, linear.bias, *branch, smooth_scale=smooth_scale,
+                                     dtype=linear.weight.dtype)
+    integration.set_module(model, name, module)
+
+
+@torch.no_grad()
+def quantize_model(model, config: ArhqConfig) -> None:
+    """Smooth (optionally), decompose and quantize every targeted linear in place."""
+    names = quantized_names(model, config)
+    check_model(model, config, names)
+    progress = integration.progress_enabled()
+    trim = integration.malloc_trim()
+    if not config.needs_calibration:
+        from tqdm.auto import tqdm
+
+        for name in tqdm(names, desc="quantizing", disable=not progress):
+            _quantize_linear(model, name, config.rank, None)
+            trim()
+        return
+    ids = calibration.model_calibration_ids(model, config)
+    index = {id(layer): i for i, layer in enumerate(model.model.layers)}
+    done = set()
+    for _, layer, inputs in calibration.layer_by_layer(model, ids, CALIBRATION_BATCH, progress=progress):
+        prefix = f"model.layers.{index[id(layer)]}."
+        mine = [n for n in names if n.startswith(prefix)]
+        smooth = _smooth_layer(layer, inputs, config.smoothing) if config.smoothing is not None else None
+        try:
+            hessians = {}
+            if config.decomposition == "arhq" and config.rank:
+                hessians, _ = calibration.input_statistics(
+                    layer, inputs, {n: model.get_submodule(n) for n in mine}, activation_residual_hessian, torch.add)
+            for name in mine:
+                kept_scale = smooth["scale"] if smooth and _keeps_smooth_scale(config, name) else None
+                _quantize_linear(model, name, config.rank, hessians.get(name), kept_scale)
+                done.add(name)
+        finally:
+            if smooth:
+                smooth["hook"].remove()
+        trim()
+    rest = [n for n in names if n not in done]
+    if rest:  # outside the decoder layers (a head the user chose to quantize): no statistics there
+        logger.info("ARHQ: %s decomposed without calibration statistics (SVD, no smoothing)", ", ".join(rest))
+        for name in rest:
+            _quantize_linear(model, name, config.rank, None)
+
+
+class ArhqHfQuantizer(LowbitHfQuantizer):
+    """Quantize on load: the fp model loads as usual, then `quantize_model` transforms it.
+    Reload: the Nvfp4Linear structure is built on meta and the packed tensors load by name."""
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        names = quantized_names(model, cfg)
+        check_model(model, cfg, names)
+        if self.pre_quantized:
+            integration.replace_with_quant_linear(
+                model, names, self.dtype, with_placeholder=False, module_cls=Nvfp4Linear,
+                spec=lambda name, linear: {"rank": cfg.rank, "smooth": _keeps_smooth_scale(cfg, name)})
+            integration.verify_checkpoint(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            quantize_model(model, self.quantization_config)
+        return model

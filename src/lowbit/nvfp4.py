@@ -1,0 +1,98 @@
+"""NVFP4: FP4 E2M1 values in blocks of 16 sharing an FP8 E4M3 scale, under one FP32 per-tensor scale.
+
+value = e2m1 · float(block_scale) · tensor_scale. The default tensor scale, amax / (6 · 448), puts the
+largest block scale at the top of the E4M3 range, so block scales use all of E4M3's precision and never
+overflow. Codes are 4 bits, sign << 3 | magnitude code, packed two per byte (`packing`'s 4-bit layout):
+4.5 bits per element with the block scales.
+"""
+import torch
+
+from . import packing
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+E2M1_VALUES = torch.tensor(_MAGNITUDES + [-m for m in _MAGNITUDES], dtype=torch.float32)
+# Midpoints between neighbouring magnitudes. A tie goes to the even code: down at these ...
+_TIES_DOWN = torch.tensor([0.25, 1.25, 2.5, 5.0])
+# ... and up at these.
+_TIES_UP = torch.tensor([0.75, 1.75, 3.5])
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., K] -> uint8 [..., K//2], code 2i in the low nibble, 2i+1 in the high nibble."""
+    return packing.pack(codes, 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack`."""
+    return packing.unpack(packed, 4)
+
+
+def _round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of the nearest E2M1 values to `scaled`, ties to the even code; beyond ±6 saturates."""
+    a = scaled.abs()
+    mag = torch.bucketize(a, _TIES_DOWN.to(a.device)) + torch.bucketize(a, _TIES_UP.to(a.device), right=True)
+    return (mag | ((scaled < 0).to(mag.dtype) << 3)).to(torch.uint8)
+
+
+def _check_width(k: int) -> None:
+    if k % BLOCK_SIZE:
+        raise ValueError(f"NVFP4 needs the last dimension to be a multiple of {BLOCK_SIZE}, got {k}")
+
+
+def _quantize_blocks(x: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [..., K], block scales [..., K//16]) of float32 x under tensor scale(s) `ts` (> 0, broadcast
+    against the blocks: [] or [..., 1])."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    block_scales = (blocks.abs().amax(-1) / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    divisor = (block_scales.float() * ts).unsqueeze(-1)
+    nonzero = divisor > 0  # a block scale that is (or rounds to) 0 leaves its block at code 0
+    # Past ±6 where E4M3 rounded the scale down: `_round_e2m1` saturates.
+    scaled = torch.where(nonzero, blocks / torch.where(nonzero, divisor, 1.0), 0.0)
+    return _round_e2m1(scaled).reshape(x.shape), block_scales
+
+
+def _default_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    ts = amax / (E2M1_MAX * E4M3_MAX)
+    return torch.where(ts > 0, ts, torch.ones_like(ts))  # all-zero (or underflowing) input: any scale will do
+
+
+def quantize(x: torch.Tensor, tensor_scale: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (packed codes uint8 [..., K//2], block scales float8_e4m3fn [..., K//16], tensor scale)."""
+    _check_width(x.shape[-1])
+    x = x.float()
+    if tensor_scale is None:
+        ts = _default_tensor_scale(x.abs().amax() if x.numel() else torch.tensor(0.0))
+    else:
+        ts = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
+        ts = torch.where(ts > 0, ts, torch.ones_like(ts))
+    codes, block_scales = _quantize_blocks(x, ts)
+    return pack(codes), block_scales, ts
+
+
+def dequantize(codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize`, up to rounding: [..., K] in `dtype`."""
+    codes = unpack(codes_packed)
+    values = E2M1_VALUES.to(codes.device)[codes.long()]
+    values = values.reshape(*block_scales.shape, BLOCK_SIZE) * block_scales.float().unsqueeze(-1)
+    return (values * tensor_scale.float()).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """x rounded through NVFP4 with a per-call tensor scale: simulated NVFP4 activations, and the reference."""
+    return dequantize(*quantize(x), dtype=x.dtype)
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] rounded through NVFP4 with one tensor scale per row (token): simulated NVFP4
+    activations whose rounding never depends on the other tokens of the batch."""
+    _check_width(x.shape[-1])
+    xf = x.float()
+    ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
+    codes, block_scales = _quantize_blocks(xf, ts)
+    values = E2M1_VALUES.to(x.device)[codes.long()].reshape(*block_scales.shape, BLOCK_SIZE)
+    return (values * block_scales.float().unsqueeze(-1) * ts.unsqueeze(-1)).reshape(x.shape).to(x.dtype)

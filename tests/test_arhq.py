@@ -1,0 +1,221 @@
+"""ARHQ / SVDQuant: the decomposition against its objective, the NVFP4 module against its reference,
+smoothing folded without changing the fp model, quantize on load, native reload."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import build_tiny, run_python
+from transformers import AutoModelForCausalLM
+
+import lowbit
+from lowbit import arhq, calibration, nvfp4
+from lowbit.modules import Nvfp4Linear
+
+CALIBRATION = ["the quick brown fox jumps over the lazy dog. " * 12, "pack my box with five dozen liquor jugs. " * 12]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_16(tmp_path_factory):
+    """Every width a multiple of 16 except down_proj's input (intermediate 200): that one stays fp."""
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-16"), intermediate_size=200)
+
+
+def _ids(vocab, shape=(2, 24), seed=1):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _outlier_layer(n=2048, k=128, out=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g)
+    x[:, :4] *= 40  # a few outlier channels, as LLM activations have
+    w = torch.randn(out, k, generator=g) / k**0.5
+    return x, w
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rank": -1}, r"rank must be a non-negative integer"),
+    ({"rank": True}, r"rank must be a non-negative integer"),
+    ({"decomposition": "svd"}, r"decomposition must be one of \['arhq', 'svdquant'\], got 'svd'"),
+    ({"smoothing": 1.5, "calibration": CALIBRATION}, r"smoothing must be None or a migration strength alpha in \[0, 1\]"),
+    ({}, r"decomposition='arhq' with rank=128 needs calibration data"),
+    ({"decomposition": "svdquant", "smoothing": 0.5}, r"smoothing=0.5 needs calibration data"),
+    ({"nsamples": 0, "calibration": CALIBRATION}, r"nsamples must be a positive integer, got 0"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.ArhqConfig(**kwargs)
+
+
+def test_calibration_free_settings_need_no_calibration():
+    assert not lowbit.ArhqConfig(decomposition="svdquant").needs_calibration
+    assert not lowbit.ArhqConfig(rank=0).needs_calibration
+
+
+def test_rank_too_large_is_refused_before_loading(tiny_llama_16, tmp_path):
+    cfg = lowbit.ArhqConfig(rank=64, decomposition="svdquant")  # k_proj: 128 -> 64
+    with pytest.raises(ValueError, match=r"rank=64 must be below min\(in_features, out_features\) = 64 of "
+                                         r"model\.layers\.0\.self_attn\.k_proj"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
+
+
+def test_arhq_minimises_its_objective():
+    x, w = _outlier_layer()
+    hessian = arhq.activation_residual_hessian(x)
+    objective = {0: arhq.arhq_objective(w, None, x)}
+    for rank in (8, 32):
+        svd = arhq.low_rank_branch(w, rank)
+        ours = arhq.low_rank_branch(w, rank, hessian)
+        for name, branch in (("svdquant", svd), ("arhq", ours)):
+            assert torch.linalg.matrix_rank(branch[0].double() @ branch[1].double()) == rank
+            objective[name, rank] = arhq.arhq_objective(w, branch, x)
+        assert objective["arhq", rank] <= objective["svdquant", rank] <= objective[0], objective
+    assert objective["arhq", 32] < objective["arhq", 8] < 0.9 * objective[0], objective
+
+
+def test_svdquant_branch_is_the_best_rank_r_approximation():
+    _, w = _outlier_layer()
+    up, down = arhq.low_rank_branch(w, 16)
+    s = torch.linalg.svdvals(w.double())
+    assert torch.isclose((w.double() - up.double() @ down.double()).norm(), s[16:].norm(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank,smooth", [(0, False), (16, False), (16, True)])
+def test_nvfp4_linear_equals_its_reference(rank, smooth):
+    x, w = _outlier_layer(n=64)
+    bias = torch.randn(w.shape[0])
+    branch = arhq.low_rank_branch(w, rank) if rank else (None, None)
+    s = torch.rand(w.shape[1]) + 0.5 if smooth else None
+    m = Nvfp4Linear.from_weight(w, bias, *branch, smooth_scale=s, dtype=torch.float32)
+    assert m.qweight.dtype == torch.uint8 and m.qweight.shape == (96, 64)
+    assert m.block_scales.dtype == torch.float8_e4m3fn and m.block_scales.shape == (96, 8)
+    xs = x / s if smooth else x
+    residual = w - (branch[0] @ branch[1] if rank else 0)
+    ref = nvfp4.fake_quantize_per_token(xs) @ nvfp4.fake_quantize(residual).T + bias
+    if rank:
+        ref = ref + xs @ (branch[0] @ branch[1]).T
+    assert torch.allclose(m(x), ref, atol=1e-4, rtol=1e-4)
+    # without its input rounding, the module is the plain layer of `dequantize_weight`
+    assert torch.allclose(m.dequantize_weight() * (s if smooth else 1), nvfp4.fake_quantize(residual)
+                          + (branch[0] @ branch[1] if rank else 0), atol=1e-5)
+
+
+def test_per_token_activation_rounding_is_independent_of_the_batch():
+    x, _ = _outlier_layer(n=8)
+    batch = nvfp4.fake_quantize_per_token(x)
+    assert torch.equal(batch[3], nvfp4.fake_quantize_per_token(x[3:4])[0])
+
+
+def test_smoothing_folds_without_changing_the_fp_model(tiny_llama_16):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size)
+    ref = _logits(model, ids)
+    hooks = []
+    for _, layer, inputs in calibration.layer_by_layer(model, ids, 2, progress=False):
+        before = layer.self_attn.q_proj.weight.clone()
+        hooks.append(arhq._smooth_layer(layer, inputs, 0.5)["hook"])
+        assert not torch.equal(before, layer.self_attn.q_proj.weight)
+    assert torch.allclose(_logits(model, ids), ref, atol=1e-4 * ref.abs().max().item())
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 8, "smoothing": 0.5}, {"rank": 0}])
+def test_quantize_save_reload_in_a_fresh_process(tiny_llama_16, tmp_path, kwargs):
+    cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION, nsamples=4, seqlen=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.bfloat16, quantization_config=cfg)
+    layers = model.config.num_hidden_layers
+    modules = [m for m in model.modules() if isinstance(m, Nvfp4Linear)]
+    assert len(modules) == 6 * layers and all(m.rank == kwargs["rank"] for m in modules)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # 200 is not a multiple of 16
+    assert sum(m.smooth_scale is not None for m in modules) == (layers if kwargs.get("smoothing") else 0)
+    ids = _ids(model.config.vocab_size)
+    logits = _logits(model, ids)
+    out = tmp_path / "q"
+    model.save_pretrained(out)
+    torch.save(ids, tmp_path / "ids.pt")
+    res = run_python(f"""
+import json, torch
+from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+with torch.no_grad():
+    torch.save(m(ids).logits.float(), {str(tmp_path / 'reloaded.pt')!r})
+with safe_open({str(out / 'model.safetensors')!r}, "pt") as f:
+    dtypes = {{k: str(f.get_slice(k).get_dtype()) for k in f.keys() if ".q_proj." in k and "layers.0." in k}}
+print(json.dumps({{"cls": type(m.model.layers[0].self_attn.q_proj).__name__, "dtypes": dtypes}}))
+""")
+    assert res["cls"] == "Nvfp4Linear"
+    prefix = "model.layers.0.self_attn.q_proj."
+    assert res["dtypes"][prefix + "qweight"] == "U8" and res["dtypes"][prefix + "block_scales"] == "F8_E4M3"
+    assert (prefix + "lora_up" in res["dtypes"]) == bool(kwargs["rank"])
+    assert torch.equal(torch.load(tmp_path / "reloaded.pt"), logits)
+
+
+def test_arhq_beats_svdquant_and_rank0_on_the_model(tiny_llama_16):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
+    ids = _ids(ref.config.vocab_size)
+    errs = {}
+    for name, kwargs in (("rank0", {"rank": 0}), ("svdquant", {"rank": 16, "decomposition": "svdquant"}),
+                         ("arhq", {"rank": 16})):
+        cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION, nsamples=4, seqlen=64)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
+        errs[name] = ((_logits(model, ids) - _logits(ref, ids)).norm() / _logits(ref, ids).norm()).item()
+    assert errs["svdquant"] < errs["rank0"] and errs["arhq"] < errs["rank0"], errs
+
+
+def test_generate_and_pipeline(tiny_llama_16):
+    from transformers import AutoTokenizer, pipeline
+
+    cfg = lowbit.ArhqConfig(rank=4, decomposition="svdquant")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
+    out = model.generate(_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 12)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_16)
+    text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"].startswith("hello")
+
+
+def test_dequantize_gives_the_layer_without_input_rounding(tiny_llama_16):
+    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION, nsamples=2, seqlen=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(3, o_proj.in_features)
+    expected = torch.nn.functional.linear(x, o_proj.dequantize_weight())
+    model.dequantize()
+    assert not any(isinstance(m, Nvfp4Linear) for m in model.modules())
+    assert torch.allclose(model.model.layers[0].self_attn.o_proj(x), expected, atol=1e-5)
+
+
+def test_cli_arhq_writes_the_tagged_folder(tiny_llama_16, tmp_path, monkeypatch):
+    from lowbit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--method", "arhq", "-q", "--src", str(tiny_llama_16), "--rank", "4",
+                 "--decomposition", "svdquant"]) == 0
+    out = tmp_path / f"{tiny_llama_16.name}-SVDQuant_nvfp4_r4_headfp16"
+    meta = json.loads((out / "quantization_metadata.json").read_text())
+    assert meta["method"] == "lowbit_arhq" and meta["settings"]["rank"] == 4
+    assert "model.layers.0.mlp.down_proj" in meta["layers_kept"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, Nvfp4Linear) for m in model.modules()) == 6 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "arhq", "--bits", "3"], "--bits cannot be used with --method arhq"),
+    (["--method", "arhq", "--rank", "4"], "needs calibration data"),
+    (["--method", "arhq", "--rank", "-1", "--decomposition", "svdquant"], "rank must be a non-negative integer"),
+    (["--method", "hqq", "--rank", "4"], "--rank cannot be used with --method hqq"),
+])
+def test_cli_arhq_bad_input_writes_nothing(tiny_llama_16, tmp_path, capsys, args, match):
+    from lowbit.cli import main
+
+    assert main(["quantize", "-q", "--src", str(tiny_llama_16), "--dst", str(tmp_path / "out"), *args]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,156 @@
+"""NVFP4 rounding, scales and storage against the format's definition and a brute-force reference."""
+import pytest
+import torch
+
+from lowbit import nvfp4 as F
+
+MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def reference_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """Nearest magnitude by exhaustive distance, a tie going to the even code; sign bit for negatives."""
+    dist = (scaled.abs().unsqueeze(-1) - MAGNITUDES).abs()
+    is_min = dist == dist.amin(-1, keepdim=True)
+    even_min = is_min & (torch.arange(8) % 2 == 0)
+    mag = torch.where(even_min.any(-1), even_min.int().argmax(-1), is_min.int().argmax(-1))
+    return mag | ((scaled < 0).long() << 3)
+
+
+def codes_match(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Codes equal, except that -0 (code 8) may come back as +0 (code 0)."""
+    got, expected = got.long(), expected.long()
+    return (got == expected) | ((got | 8) == 8) & ((expected | 8) == 8)
+
+
+def test_grid_constants():
+    assert F.E2M1_VALUES.dtype == torch.float32 and F.E2M1_VALUES.shape == (16,)
+    assert torch.equal(F.E2M1_VALUES[:8], MAGNITUDES) and torch.equal(F.E2M1_VALUES[8:], -MAGNITUDES)
+    assert F.E2M1_VALUES[8].item() == 0.0 and torch.signbit(F.E2M1_VALUES[8])
+    assert F.E2M1_VALUES.abs().max() == F.E2M1_MAX
+    assert torch.tensor(F.E4M3_MAX).to(torch.float8_e4m3fn).float() == F.E4M3_MAX
+    assert F.BLOCK_SIZE == 16
+
+
+def test_every_representable_value_round_trips():
+    block_scales = torch.tensor([448.0, 1.0, 0.75, 1.25, 3.5, 2.0 ** -6, 2.0 ** -9, 96.0])
+    assert torch.equal(block_scales.to(torch.float8_e4m3fn).float(), block_scales)  # all exact in E4M3
+    tensor_scale = torch.tensor(0.25)
+    codes = torch.arange(16, dtype=torch.uint8).repeat(3, len(block_scales), 1)  # [3, 8 blocks, 16]
+    x = F.E2M1_VALUES[codes.long()] * block_scales.unsqueeze(-1) * tensor_scale
+    x = x.reshape(3, -1)
+    packed, scales, ts = F.quantize(x, tensor_scale)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 64)
+    assert scales.dtype == torch.float8_e4m3fn and torch.equal(scales.float(), block_scales.expand(3, -1))
+    assert ts.dtype == torch.float32 and ts.dim() == 0 and ts.item() == 0.25
+    assert codes_match(F.unpack(packed), codes.reshape(3, -1)).all()
+    assert torch.equal(F.dequantize(packed, scales, ts), x)
+
+
+def test_ties_round_to_even():
+    midpoints = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    expected = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    row = torch.tensor(midpoints + [6.0] + [-m for m in midpoints] + [0.0])  # 6.0 makes the block scale 1
+    packed, scales, ts = F.quantize(row.unsqueeze(0), torch.tensor(1.0))
+    assert scales.float().item() == 1.0
+    out = F.dequantize(packed, scales, ts)[0]
+    assert out.tolist() == expected + [6.0] + [-e for e in expected] + [0.0]
+    assert codes_match(F.unpack(packed)[0], torch.tensor([0, 2, 2, 4, 4, 6, 6, 7, 8, 10, 10, 12, 12, 14, 14, 0])).all()
+
+
+def test_round_to_nearest_matches_brute_force():
+    torch.manual_seed(0)
+    # Block scale 1 (a 6.0 in each block, tensor scale 1): random values and every tie on the quarter grid.
+    x = torch.empty(64, 64).uniform_(-6.0, 6.0)
+    x[::2] = torch.randint(-24, 25, (32, 64)) / 4.0
+    x[:, ::16] = 6.0
+    packed, scales, ts = F.quantize(x, torch.tensor(1.0))
+    assert (scales.float() == 1.0).all()
+    assert torch.equal(F.unpack(packed).long(), reference_codes(x))
+    # Any scales: the codes are the nearest to x / (block scale · tensor scale), clamped to the grid.
+    y = torch.randn(8, 4, 256) * torch.logspace(-3, 3, 8).reshape(8, 1, 1)
+    packed, scales, ts = F.quantize(y)
+    divisor = scales.float().unsqueeze(-1) * ts
+    assert (divisor == 0).any() and (divisor > 0).any()  # six decades: the smallest blocks flush to scale 0
+    scaled = torch.where(divisor > 0, y.reshape(8, 4, 16, 16) / divisor, 0.0)
+    expected = reference_codes(scaled.clamp(-6, 6)).reshape(y.shape)
+    assert codes_match(F.unpack(packed), expected).all()
+    grid = F.E2M1_VALUES[expected].reshape(scaled.shape)
+    assert torch.equal(F.dequantize(packed, scales, ts), (grid * scales.float().unsqueeze(-1) * ts).reshape(y.shape))
+
+
+def test_block_scales_never_overflow():
+    torch.manual_seed(0)
+    decades = torch.logspace(-30, 30, 61).repeat_interleave(16)  # per-block amax from 1e-30 to 1e30
+    x = torch.randn(4, decades.numel()) * decades
+    x[0, :8] = 1e30
+    x[0, 8:16] = -1e-30
+    x[1, 16] = -3e30  # the tensor amax
+    packed, scales, ts = F.quantize(x)
+    s = scales.float()
+    assert torch.isfinite(s).all() and s.max() == F.E4M3_MAX and s.min() >= 0  # the top of the E4M3 range is used
+    assert ts.item() == pytest.approx(3e30 / (6 * 448), rel=1e-6)
+    out = F.dequantize(packed, scales, ts)
+    assert torch.isfinite(out).all()
+    assert out[1, 16].item() == pytest.approx(-3e30, rel=2 ** -4)  # E4M3 keeps 3 mantissa bits
+    assert out[0, :8].tolist() == pytest.approx([1e30] * 8, rel=2 ** -3)
+    assert torch.isfinite(F.fake_quantize(x)).all()
+    # A given tensor scale that would push block scales past 448 saturates rather than turning into NaN.
+    packed, scales, ts = F.quantize(x, torch.tensor(1.0))
+    out = F.dequantize(packed, scales, ts)
+    assert scales.float().max() == F.E4M3_MAX and torch.isfinite(out).all()
+    assert out[1, 16].item() == -6 * 448 and out[0, 0].item() == 6 * 448  # and the values saturate at ±6
+
+
+def test_zeros():
+    packed, scales, ts = F.quantize(torch.zeros(3, 32))
+    assert torch.isfinite(ts) and ts > 0
+    assert (F.unpack(packed) == 0).all() and (scales.float() == 0).all()
+    assert torch.equal(F.dequantize(packed, scales, ts), torch.zeros(3, 32))
+    x = torch.randn(4, 64)
+    x[:, 16:32] = 0.0
+    x[2] = 0.0
+    x[3, 48:] = -0.0
+    out = F.fake_quantize(x)
+    assert not out.isnan().any()
+    assert (out[:, 16:32] == 0).all() and (out[2] == 0).all() and (out[3, 48:] == 0).all()
+
+
+def test_pack_unpack_and_nibble_order():
+    codes = torch.tensor([[1, 2, 15, 0, 7, 8]], dtype=torch.uint8)
+    packed = F.pack(codes)
+    assert packed.tolist() == [[0x21, 0x0F, 0x87]]
+    assert torch.equal(F.unpack(packed), codes)
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (2, 3, 64), dtype=torch.uint8)
+    assert torch.equal(F.unpack(F.pack(codes)), codes)
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (2, 3, 48), (16,)])
+def test_storage_and_shapes(shape):
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    packed, scales, ts = F.quantize(x)
+    k = shape[-1]
+    assert packed.shape == (*shape[:-1], k // 2) and scales.shape == (*shape[:-1], k // 16)
+    bits_per_weight = 8 * (packed.shape[-1] * packed.element_size() + scales.shape[-1] * scales.element_size()) / k
+    assert bits_per_weight == 4.5
+    out = F.fake_quantize(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+
+
+@pytest.mark.parametrize("k", [8, 24, 100])
+def test_last_dim_must_be_multiple_of_block(k):
+    with pytest.raises(ValueError, match=f"multiple of 16, got {k}"):
+        F.quantize(torch.randn(2, k))
+
+
+def test_gaussian_relative_error():
+    torch.manual_seed(0)
+    x = torch.randn(256, 1024)
+    err = ((F.fake_quantize(x) - x).norm() / x.norm()).item()
+    assert 0.08 < err < 0.11  # measured 0.0953 (E2M1 with E4M3 block scales of 16)
+
+
+def test_per_token_rounding_is_each_row_on_its_own():
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 3, 5)[:, None]
+    rows = torch.stack([F.fake_quantize(row) for row in x])
+    assert torch.equal(F.fake_quantize_per_token(x), rows)
