@@ -96,7 +96,7 @@ def test_quant_linear_integer_path_equals_fake_quant_reference(bits, transform):
     x = torch.randn(3, 5, 352)
     xt = hadamard.hadamard_transform(x) if transform else x
     w = q.dequantize_weight(torch.float64)
-    ref = Q.fake_quantize_activations(xt, bits, ACT_CLIP).double() @ w.T + linear.bias.double()
+    ref = Q.fake_quantize_activations(xt, bits, ACT_CLIP[bits]).double() @ w.T + linear.bias.double()
     y = q(x).double()
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     state = q.state_dict()  # the portable layout, whatever the runtime one
@@ -130,9 +130,9 @@ def test_kv_states_round_trip_and_packing():
     codes, so = kvcache.quantize_states(x, 4)
     assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 7, 32) and so.shape == (2, 3, 7, 2)
     back = kvcache.dequantize_states(codes, so, 4).float()
-    step = (x.float().amax(-1, keepdim=True) - x.float().amin(-1, keepdim=True)) * kvcache.KV_CLIP / 15
-    clipped = x.float().clamp(x.float().amin(-1, keepdim=True) * kvcache.KV_CLIP,
-                              x.float().amax(-1, keepdim=True) * kvcache.KV_CLIP)
+    step = (x.float().amax(-1, keepdim=True) - x.float().amin(-1, keepdim=True)) * kvcache.KV_CLIP[4] / 15
+    clipped = x.float().clamp(x.float().amin(-1, keepdim=True) * kvcache.KV_CLIP[4],
+                              x.float().amax(-1, keepdim=True) * kvcache.KV_CLIP[4])
     assert ((back - clipped).abs() <= step * 0.51 + 0.02 * x.float().abs().amax()).all()
 
 

@@ -1,7 +1,7 @@
 """A KV cache that stores keys and values packed at 4 or 8 bits (QuaRot's KV quantization).
 
 Each head's key and value vector of each token is quantized on its own (asymmetric, the range clipped
-to KV_CLIP of min/max, group = head_dim), packed along head_dim, and appended: states already stored
+to KV_CLIP[bits] of min/max, group = head_dim), packed along head_dim, and appended: states already stored
 are never re-quantized, and a step's attention sees exactly what the cache holds, in prefill as in
 decode. Keys are quantized in the Hadamard basis, where RoPE's outlier channels are spread out:
 `K̂ = Q(K·H)·Hᵀ`, so attention computes q·K̂ = (q·H)·Q(K·H), QuaRot's rotated-query/rotated-key
@@ -19,13 +19,15 @@ from . import packing
 from .hadamard import hadamard_transform
 from .quantize import round_to_grid
 
-KV_CLIP = 0.95  # QuaRot's clipping ratio for keys and values
+# QuaRot's clipping ratio for 4-bit keys and values; at 8 bits clipping costs more than it saves
+# (SmolLM2-135M W4A8KV8 without rotation, 2×2048 windows: 32.73 ppl clipped to 0.95, 31.73 unclipped)
+KV_CLIP = {4: 0.95, 8: 1.0}
 
 
 def quantize_states(x: torch.Tensor, bits: int):
     """[..., head_dim] -> packed uint8 codes [..., head_dim·bits/8] and scale/offset [..., 2] (x.dtype)."""
     xf = x.float()
-    q, scale, offset = round_to_grid(xf, xf.amin(-1) * KV_CLIP, xf.amax(-1) * KV_CLIP, bits)
+    q, scale, offset = round_to_grid(xf, xf.amin(-1) * KV_CLIP[bits], xf.amax(-1) * KV_CLIP[bits], bits)
     return packing.pack(q.to(torch.uint8), bits), torch.stack([scale, offset], -1).to(x.dtype)
 
 
