@@ -51,7 +51,7 @@ def layer_snr(layer, calib, held, ranks, alphas) -> dict:
         for alpha in alphas:
             s = (arhq.smoothing_scales(xc.abs().amax(0), [m.weight for m in linears], alpha)
                  if alpha is not None else torch.ones(xc.shape[1]))
-            hessian = arhq.activation_residual_hessian(xc / s)
+            roots = arhq.hessian_roots(arhq.activation_residual_hessian(xc / s))
             for proj, linear in zip(projections, linears):
                 w = linear.weight.float()
                 y = xh @ w.T
@@ -59,7 +59,7 @@ def layer_snr(layer, calib, held, ranks, alphas) -> dict:
                     if rank >= min(w.shape):
                         continue
                     ws = w * s
-                    branch = (arhq.low_rank_branch(ws, rank, hessian if decomposition == "arhq" else None)
+                    branch = (arhq.low_rank_branch(ws, rank, roots if decomposition == "arhq" else None)
                               if rank else (None, None))
                     module = Nvfp4Linear.from_weight(ws, None, *branch, smooth_scale=None if alpha is None else s,
                                                      dtype=torch.float32)

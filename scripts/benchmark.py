@@ -6,10 +6,13 @@
         --out results/quarot --readme README.md --readme-marker quarot-results
     python scripts/benchmark.py --methods ARHQ --seqlen 2048 --max-windows 4 --nsamples 16 \
         --out results/arhq --readme README.md --readme-marker arhq-results
+    python scripts/benchmark.py --methods HH --seqlen 2048 --max-windows 4 --nsamples 16 \
+        --out results/householder --readme README.md --readme-marker hh-results
 
 Methods (`--methods`, default: the first four at bits 4/3 and groups 64/128; `--methods QUAROT`: bf16,
 for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4; `--methods ARHQ`:
-bf16 and the six NVFP4 rows below):
+bf16 and the six NVFP4 rows below; `--methods HH`: bf16, and at W4A8 and W4A4 (KV cache in bf16)
+QuaRot RTN, QuaRot GPTQ and Householder):
   bf16                  the unquantized baseline
   lowbit-hqq-w4g64      lowbit.HqqConfig(bits=4, group_size=64), quantized on load
   hqq-w4g64             the `hqq` package's own HQQLinear, same settings (pytorch backend)
@@ -21,6 +24,9 @@ bf16 and the six NVFP4 rows below):
   nvfp4-r0[-sq]         lowbit.ArhqConfig(rank=0): plain NVFP4 W4A4 [with smoothing, alpha --smoothing]
   svdquant-r128[-sq]    lowbit.ArhqConfig(rank=128, decomposition="svdquant") [with smoothing]
   arhq-r128[-sq]        lowbit.ArhqConfig(rank=128) [with smoothing] (calibration as for GPTQ)
+  hh-w4a8               lowbit.HouseholderConfig(w_bits=4, a_bits=8, group_size=--quarot-group), --hh-steps
+                        Adam steps per layer on --hh-nsamples x --hh-seqlen calibration tokens
+QuaRot's bits can also be given as quarot-wWaAkvK-rtn|gptq (e.g. quarot-w4a8kv16-rtn: no KV quantization).
 QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
 The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
 is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
@@ -30,6 +36,7 @@ Writes results/results.json, results/results.md and results/*.png.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -43,6 +50,8 @@ DEFAULT_METHODS = ["bf16"] + [f"{m}-w{b}g{g}" for m in ("lowbit-hqq", "hqq", "rt
 QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4a8kv8")
                               for m, q in (("norot", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))]
                   + ["quarot-w4a4kv4-rtn-pca", "quarot-w4a4kv4-gptq-pca"])
+HH_METHODS = ["bf16"] + [f"quarot-{b}-{q}" for b in ("w4a8kv16", "w4a4kv16") for q in ("rtn", "gptq")] + \
+    ["hh-w4a8", "hh-w4a4"]
 ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "arhq-r128") for sq in ("", "-sq")]
 
 
@@ -58,16 +67,21 @@ def parse_method(spec: str, smoothing: float = 0.5):
                              f"arhq-rN[-sq]")
         return parts[0], 4, 16, {"rank": int(rank), "decomposition": "arhq" if parts[0] == "arhq" else "svdquant",
                                  "smoothing": smoothing if parts[2:] else None}
+    if parts[0] == "hh":
+        m = re.fullmatch(r"w(\d+)a(\d+)", parts[1]) if len(parts) == 2 else None
+        if not m:
+            raise ValueError(f"--methods: unknown Householder method {spec!r}; use hh-wWaA, e.g. hh-w4a8")
+        return "hh", int(m[1]), None, {"w_bits": int(m[1]), "a_bits": int(m[2])}
     if parts[0] in ("quarot", "norot"):
-        from lowbit.quarot import PRESETS
-
-        ok = (len(parts) in (3, 4) and parts[1] in PRESETS and parts[2] in ("rtn", "gptq")
+        m = re.fullmatch(r"w(\d+)a(\d+)kv(\d+)", parts[1]) if len(parts) > 1 else None
+        ok = (m and len(parts) in (3, 4) and parts[2] in ("rtn", "gptq")
               and parts[3:] in ([], ["pca"]) and not (parts[0] == "norot" and parts[3:]))
         if not ok:
-            raise ValueError(f"--methods: unknown QuaRot method {spec!r}; use quarot-PRESET-rtn|gptq[-pca] or "
-                             f"norot-PRESET-rtn|gptq, PRESET one of {sorted(PRESETS)}")
-        return parts[0], PRESETS[parts[1]]["w_bits"], None, {
-            **PRESETS[parts[1]], "weight_quantizer": parts[2], "rotation_method": "pca" if parts[3:] else "hadamard"}
+            raise ValueError(f"--methods: unknown QuaRot method {spec!r}; use quarot-wWaAkvK-rtn|gptq[-pca] or "
+                             f"norot-wWaAkvK-rtn|gptq (e.g. the presets w4a4kv4, w4a8kv4, w4a8kv8)")
+        return parts[0], int(m[1]), None, {
+            "w_bits": int(m[1]), "a_bits": int(m[2]), "kv_bits": int(m[3]), "weight_quantizer": parts[2],
+            "rotation_method": "pca" if parts[3:] else "hadamard"}
     name, _, wg = spec.rpartition("-")
     if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
         raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG, rtn-wBgG, "
@@ -131,6 +145,10 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     if method in ("quarot", "norot"):
         group = args.quarot_group
         config = lowbit.QuaRotConfig(**settings, group_size=group, **calibration)
+    elif method == "hh":
+        group = args.quarot_group
+        config = lowbit.HouseholderConfig(**settings, group_size=group, steps=args.hh_steps, calibration=str(args.calib),
+                                          nsamples=args.hh_nsamples, max_seq_len=args.hh_seqlen, cali_bsz=2)
     elif settings:
         config = lowbit.ArhqConfig(**settings, **calibration)
     rss_before = _rss_kib("VmRSS")
@@ -300,7 +318,7 @@ def _plots(results: dict, out: Path) -> None:
     colors_by_bits = ("lowbit-hqq", "hqq", "rtn")  # labelled by their wBgG suffix, the others by the rest of the spec
     colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green",
               "quarot": "tab:purple", "norot": "tab:red", "nvfp4": "tab:gray", "svdquant": "tab:olive",
-              "arhq": "tab:cyan"}
+              "arhq": "tab:cyan", "hh": "tab:brown"}
     for key, label, fname, log in (("ppl", "WikiText-2 perplexity", "ppl_vs_bpw.png", True),
                                    ("decode", "decode tokens/s (batch 1)", "decode_vs_bpw.png", False)):
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -342,6 +360,9 @@ def main():
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length")
     p.add_argument("--smoothing", type=float, default=0.5, help="migration strength of the -sq NVFP4 methods")
+    p.add_argument("--hh-steps", type=int, default=50, help="Householder: Adam steps per layer")
+    p.add_argument("--hh-nsamples", type=int, default=16, help="Householder: calibration windows")
+    p.add_argument("--hh-seqlen", type=int, default=512, help="Householder: calibration window length")
     p.add_argument("--quarot-group", type=int, default=64, help="QuaRot weight group size (-1: per channel)")
     p.add_argument("--kv-context", type=int, default=0, help="also measure the KV cache bytes after a prefill "
                    "of this many tokens (0: skip)")
@@ -356,7 +377,8 @@ def main():
         print(json.dumps(run_cell(model, spec, args)))
         return 0
 
-    args.methods = {"QUAROT": QUAROT_METHODS, "ARHQ": ARHQ_METHODS}.get(" ".join(args.methods), args.methods)
+    args.methods = {"QUAROT": QUAROT_METHODS, "ARHQ": ARHQ_METHODS, "HH": HH_METHODS}.get(" ".join(args.methods),
+                                                                                        args.methods)
     for m in args.methods:
         parse_method(m)
     for m in args.models:
@@ -374,7 +396,8 @@ def main():
                    str(args.max_windows), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                    "--calib", str(args.calib), "--nsamples", str(args.nsamples), "--calib-seqlen",
                    str(args.calib_seqlen), "--quarot-group", str(args.quarot_group), "--kv-context",
-                   str(args.kv_context), "--smoothing", str(args.smoothing)]
+                   str(args.kv_context), "--smoothing", str(args.smoothing), "--hh-steps", str(args.hh_steps),
+                   "--hh-nsamples", str(args.hh_nsamples), "--hh-seqlen", str(args.hh_seqlen)]
     for model, spec in tqdm(todo, desc="benchmark"):
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, spec]), *passthrough],
                               capture_output=True, text=True)

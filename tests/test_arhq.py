@@ -70,7 +70,7 @@ def test_arhq_minimises_its_objective():
     objective = {0: arhq.arhq_objective(w, None, x)}
     for rank in (8, 32):
         svd = arhq.low_rank_branch(w, rank)
-        ours = arhq.low_rank_branch(w, rank, hessian)
+        ours = arhq.low_rank_branch(w, rank, arhq.hessian_roots(hessian))
         for name, branch in (("svdquant", svd), ("arhq", ours)):
             assert torch.linalg.matrix_rank(branch[0].double() @ branch[1].double()) == rank
             objective[name, rank] = arhq.arhq_objective(w, branch, x)

@@ -12,10 +12,12 @@ from .registry import register_all
 register_all()
 
 from .arhq import ArhqConfig, ArhqHfQuantizer  # noqa: E402
+from .householder import HouseholderConfig, HouseholderHfQuantizer  # noqa: E402
 from .hqq import HqqConfig, HqqHfQuantizer  # noqa: E402
 from .kvcache import QuantizedKVCache  # noqa: E402
 from .modules import Nvfp4Linear, QuantLinear  # noqa: E402
 from .quarot import QuaRotConfig, QuaRotHfQuantizer  # noqa: E402
 
-__all__ = ["__version__", "ArhqConfig", "ArhqHfQuantizer", "HqqConfig", "HqqHfQuantizer", "Nvfp4Linear",
+__all__ = ["__version__", "ArhqConfig", "ArhqHfQuantizer", "HouseholderConfig", "HouseholderHfQuantizer",
+           "HqqConfig", "HqqHfQuantizer", "Nvfp4Linear",
            "QuaRotConfig", "QuaRotHfQuantizer", "QuantLinear", "QuantizedKVCache", "register_all"]

@@ -94,18 +94,27 @@ def _keeps_smooth_scale(config: ArhqConfig, name: str) -> bool:
 
 
 @torch.no_grad()
-def low_rank_branch(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = None):
-    """(B [out, rank], Aᵀ [rank, in]) in float32. `hessian` None: SVDQuant, the top-rank SVD of W;
-    else ARHQ: argmin ‖(W − B·Aᵀ)·G^{1/2}‖_F = SVD_r(W·G^{1/2})·G^{-1/2}."""
-    w = weight.double()
-    if hessian is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
-    g = hessian.double()
+def hessian_roots(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G^{1/2}, G^{-1/2}) of the damped G, in float32 (the damping keeps its condition number within
+    what float32 resolves; float64 would cost minutes per layer at Qwen2.5-0.5B's width 4864)."""
+    g = hessian.float()
     g = g + DAMP * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     e, v = torch.linalg.eigh(g)
-    u, s, vh = torch.linalg.svd(w @ (v * e.sqrt()) @ v.T, full_matrices=False)
-    return (u[:, :rank] * s[:rank]).float(), (vh[:rank] @ (v * e.rsqrt()) @ v.T).float()
+    e = e.clamp_min(e.max() * 1e-7)  # eigh's own rounding can leave a damped eigenvalue a hair off
+    return (v * e.sqrt()) @ v.T, (v * e.rsqrt()) @ v.T
+
+
+@torch.no_grad()
+def low_rank_branch(weight: torch.Tensor, rank: int, roots: tuple | None = None):
+    """(B [out, rank], Aᵀ [rank, in]) in float32. `roots` None: SVDQuant, the top-rank SVD of W; else
+    ARHQ with `roots = hessian_roots(G)`: argmin ‖(W − B·Aᵀ)·G^{1/2}‖_F = SVD_r(W·G^{1/2})·G^{-1/2}."""
+    w = weight.float()
+    if roots is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank] * s[:rank], vh[:rank]
+    root, inv_root = roots
+    u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank] @ inv_root
 
 
 def arhq_objective(weight: torch.Tensor, branch, x: torch.Tensor) -> float:
@@ -153,9 +162,9 @@ def _smooth_layer(layer, inputs, alpha: float) -> dict:
     return {"scale": s_o, "hook": hook}
 
 
-def _quantize_linear(model, name: str, rank: int, hessian, smooth_scale=None) -> None:
+def _quantize_linear(model, name: str, rank: int, roots=None, smooth_scale=None) -> None:
     linear = model.get_submodule(name)
-    branch = low_rank_branch(linear.weight, rank, hessian) if rank else (None, None)
+    branch = low_rank_branch(linear.weight, rank, roots) if rank else (None, None)
     module = Nvfp4Linear.from_weight(linear.weight.data, linear.bias, *branch, smooth_scale=smooth_scale,
                                      dtype=linear.weight.dtype)
     integration.set_module(model, name, module)
@@ -187,9 +196,13 @@ def quantize_model(model, config: ArhqConfig) -> None:
             if config.decomposition == "arhq" and config.rank:
                 hessians, _ = calibration.input_statistics(
                     layer, inputs, {n: model.get_submodule(n) for n in mine}, activation_residual_hessian, torch.add)
+            roots = {}  # q/k/v (gate/up) share one G object: one eigendecomposition
             for name in mine:
                 kept_scale = smooth["scale"] if smooth and _keeps_smooth_scale(config, name) else None
-                _quantize_linear(model, name, config.rank, hessians.get(name), kept_scale)
+                g = hessians.get(name)
+                if g is not None and id(g) not in roots:
+                    roots[id(g)] = hessian_roots(g)
+                _quantize_linear(model, name, config.rank, roots.get(id(g)), kept_scale)
                 done.add(name)
         finally:
             if smooth:

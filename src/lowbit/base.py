@@ -37,9 +37,9 @@ class LowbitConfig(QuantizationConfigMixin):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {mods!r}")
 
 
-def check_calibration(config) -> None:
+def check_calibration(config, seqlen_field: str = "seqlen") -> None:
     """The calibration fields every calibrating method shares: calibration, nsamples, seqlen, seed."""
-    for name in ("nsamples", "seqlen", "seed"):
+    for name in ("nsamples", seqlen_field, "seed"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "

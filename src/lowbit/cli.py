@@ -5,16 +5,21 @@ import os
 import shlex
 import sys
 
-METHOD_CHOICES = ("hqq", "quarot", "arhq")
+METHOD_CHOICES = ("hqq", "quarot", "arhq", "householder")
 # flags that only some methods read: attribute -> (flag, the methods it applies to)
 METHOD_FLAGS = {
-    "bits": ("--bits", ("hqq", "quarot")), "group_size": ("--group-size", ("hqq", "quarot")),
-    "acts_bits": ("--acts-bits", ("quarot",)), "kv_bits": ("--kv-bits", ("quarot",)),
+    "bits": ("--bits", ("hqq", "quarot", "householder")),
+    "group_size": ("--group-size", ("hqq", "quarot", "householder")),
+    "acts_bits": ("--acts-bits", ("quarot", "householder")), "kv_bits": ("--kv-bits", ("quarot",)),
     "rotation": ("--rotation", ("quarot",)), "weight_quantizer": ("--weight-quantizer", ("quarot",)),
     "rank": ("--rank", ("arhq",)), "decomposition": ("--decomposition", ("arhq",)),
     "smoothing": ("--smoothing", ("arhq",)),
-    "calib": ("--calib", ("quarot", "arhq")), "nsamples": ("--nsamples", ("quarot", "arhq")),
-    "calib_seqlen": ("--calib-seqlen", ("quarot", "arhq")),
+    "reflections": ("--reflections", ("householder",)), "pca_variance": ("--pca-variance", ("householder",)),
+    "steps": ("--steps", ("householder",)), "lr": ("--lr", ("householder",)),
+    "cali_bsz": ("--cali-bsz", ("householder",)), "num_layers": ("--num-layers", ("householder",)),
+    "calib": ("--calib", ("quarot", "arhq", "householder")),
+    "nsamples": ("--nsamples", ("quarot", "arhq", "householder")),
+    "calib_seqlen": ("--calib-seqlen", ("quarot", "arhq", "householder")),
 }
 
 
@@ -29,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="hqq, quarot: input channels per scale/offset (default 64)")
     q.add_argument("--keep-lm-head-fp16", action="store_true",
                    help="hqq: keep the output head unquantized (a head tied to the embeddings always is); "
-                        "quarot and arhq always keep it")
+                        "the other methods always keep it")
     qr = q.add_argument_group("quarot")
     qr.add_argument("--acts-bits", type=int, help="activation bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--kv-bits", type=int, help="KV cache bits: 4, 8 or 16 (off) (default 4)")
@@ -39,10 +44,17 @@ def _build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--rank", type=int, help="rank of the low-rank branch, 0 = plain NVFP4 (default 128)")
     qa.add_argument("--decomposition", help="arhq (default, needs --calib) or svdquant")
     qa.add_argument("--smoothing", type=float, help="SmoothQuant migration strength alpha in [0, 1] (needs --calib)")
-    qc = q.add_argument_group("calibration (quarot, arhq)")
+    qh = q.add_argument_group("householder (also --bits, --acts-bits, --group-size)")
+    qh.add_argument("--reflections", type=int, help="reflections per rotation (default: from --pca-variance)")
+    qh.add_argument("--pca-variance", type=float, help="share of variance the PCA init covers (default 0.95)")
+    qh.add_argument("--steps", type=int, help="Adam steps per decoder layer (default 100)")
+    qh.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    qh.add_argument("--cali-bsz", type=int, help="calibration windows per step (default 4)")
+    qh.add_argument("--num-layers", type=int, help="optimize only the first N decoder layers")
+    qc = q.add_argument_group("calibration (quarot, arhq, householder)")
     qc.add_argument("--calib", help="calibration text file (or a datasets name when the Hub is reachable)")
     qc.add_argument("--nsamples", type=int, help="calibration windows (default 128)")
-    qc.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 2048)")
+    qc.add_argument("--calib-seqlen", type=int, help="tokens per calibration window (default 2048; householder 512)")
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13)
@@ -84,6 +96,14 @@ def _config(args):
 
         given = {"rank": args.rank, "decomposition": args.decomposition, "smoothing": args.smoothing, **calibration}
         return ArhqConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    if args.method == "householder":
+        from .householder import HouseholderConfig
+
+        given = {"a_bits": args.acts_bits, "reflections": args.reflections, "pca_variance": args.pca_variance,
+                 "steps": args.steps, "lr": args.lr, "cali_bsz": args.cali_bsz, "num_layers": args.num_layers,
+                 "calibration": args.calib, "nsamples": args.nsamples, "max_seq_len": args.calib_seqlen}
+        return HouseholderConfig(w_bits=bits, group_size=group_size, seed=args.seed,
+                                 **{k: v for k, v in given.items() if v is not None})
     from .hqq import HqqConfig
 
     keep_head = ["lm_head"] if args.keep_lm_head_fp16 else []

@@ -41,12 +41,16 @@ METHODS = {
         "ARHQ", "NVFP4 weights and activations (E2M1 values, FP8 E4M3 scales per 16) with a low-rank branch in "
         "the compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top "
         "singular directions (SVDQuant)."),
+    "lowbit_householder": MethodInfo(
+        "HH", "learned Householder rotations Q = H_k…H_1 (PCA-initialised, optimized layer by layer with "
+        "learnable clipping) in front of each group of linears, applied at run time as k rank-1 updates; "
+        "packed weights and per-token quantized activations multiplied in integers."),
 }
 
 
 def naming_tag(config, head_kept: bool) -> str:
     """The tag of the original tools: `HQQ_w4_g64[_headfp16]`, `QuaRot_w4_g64_a4_kv4[_gptq][_pca]_headfp16`
-    (a8 and kv8 are left out, as there); ours for ARHQ: `ARHQ|SVDQuant_nvfp4_r128[_sq0.5]_headfp16`."""
+    (a8 and kv8 are left out, as there); ours for ARHQ: `ARHQ|SVDQuant_nvfp4_r128[_sq0.5]_headfp16`, Householder: `HH_w4_g64_a8_headfp16`."""
     title = METHODS[config.quant_method].title
     if config.quant_method == "lowbit_quarot":
         tag = f"{title}_w{config.w_bits}_g{config.group_size}"
@@ -56,6 +60,8 @@ def naming_tag(config, head_kept: bool) -> str:
     elif config.quant_method == "lowbit_arhq":
         tag = f"{'ARHQ' if config.decomposition == 'arhq' else 'SVDQuant'}_nvfp4_r{config.rank}"
         tag += f"_sq{config.smoothing:g}" if config.smoothing is not None else ""
+    elif config.quant_method == "lowbit_householder":
+        tag = f"{title}_w{config.w_bits}_g{config.group_size}_a{config.a_bits}"
     else:
         tag = f"{title}_w{config.bits}_g{config.group_size}"
     return tag + ("_headfp16" if head_kept else "")

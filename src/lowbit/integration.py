@@ -155,14 +155,12 @@ def load_time_quantize_op(hf_quantizer):
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Plain nn.Linear layers computing what the packed weights do (an online input Hadamard is folded
+    """Plain nn.Linear layers computing what the packed weights do (an online input transform is folded
     back into the weight; activation quantization is dropped)."""
-    from .hadamard import hadamard_transform
-
     for name, module in quant_linears(model):
         w = module.dequantize_weight(torch.float32)
-        if getattr(module, "input_transform", None) == "hadamard":
-            w = hadamard_transform(w, inverse=True)
+        if isinstance(module, QuantLinear):
+            w = module.input_transform_inverse(w)
         w = w.to(dtype)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            device=w.device, dtype=dtype)

@@ -12,6 +12,10 @@ halves run as two int4 matmuls, since (q − 128)·s + o = (h − 8)·16s + (o +
 Rotation methods switch on two more parts (config, not state: reload rebuilds them from the config):
 - `input_transform="hadamard"`: x ← x·H over the input features at run time (QuaRot's down_proj,
   whose weight already holds W·H);
+- `input_transform="householder"`: x ← Q·x with Q = H_k…H_1 from the persistent buffer
+  `householder_vectors` [k, in] (float32), applied as k rank-1 updates (the weight holds W·Qᵀ);
+- `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
+  (learned, Householder) instead of ACT_CLIP[act_bits];
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped to ACT_CLIP[act_bits] of its range)
   and the product runs in integers with `torch._int_mm` per weight group (`kernels.int8_group_linear`);
   the runtime layout is then "int8_groups", one byte per weight code.
@@ -19,7 +23,7 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 import torch
 from torch import nn
 
-from . import kernels, nvfp4, packing
+from . import kernels, nvfp4, packing, reflections
 from .hadamard import hadamard_transform
 from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_rtn,
                        quantize_rtn_clip)
@@ -29,7 +33,7 @@ SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn, "rtn_clip": quantize_rtn_cl
 # without rotation, 2×2048 windows: 31.99 ppl clipped to 0.9, 27.61 unclipped)
 ACT_CLIP = {4: 0.9, 8: 1.0}
 ACT_BITS = (4, 8, 16)  # 16: activations stay in the compute dtype
-INPUT_TRANSFORMS = (None, "hadamard")
+INPUT_TRANSFORMS = (None, "hadamard", "householder")
 
 
 def _check_act_bits(act_bits) -> None:
@@ -40,11 +44,14 @@ def _check_act_bits(act_bits) -> None:
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  dtype: torch.dtype = torch.bfloat16, device=None, act_bits: int = 16,
-                 input_transform: str | None = None):
+                 input_transform: str | None = None, reflections: int = 0, learned_act_clip: bool = False):
         super().__init__()
         _check_act_bits(act_bits)
         if input_transform not in INPUT_TRANSFORMS:
             raise ValueError(f"input_transform must be one of {list(INPUT_TRANSFORMS)}, got {input_transform!r}")
+        if (input_transform == "householder") != (reflections > 0):
+            raise ValueError(f"reflections must be >= 1 exactly when input_transform='householder', got "
+                             f"{reflections} with input_transform={input_transform!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.act_bits, self.input_transform = act_bits, input_transform
@@ -57,6 +64,9 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.bias = None
+        f32 = {"dtype": torch.float32, "device": device}  # not the loader's default dtype
+        self.register_buffer("householder_vectors", torch.empty(reflections, in_features, **f32) if reflections else None)
+        self.register_buffer("act_clip_ratio", torch.empty((), **f32) if learned_act_clip else None)
         self.layout = "packed"  # "int4_cpu" / "int8_groups" once prepare_runtime() ran
         # 8 bits on the int4 kernel: the scale_offset tables of the high and low halves (runtime only)
         self.register_buffer("nibble_scale_offsets", None, persistent=False)
@@ -139,6 +149,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
             x = hadamard_transform(x.float()).to(x.dtype)
+        elif self.input_transform == "householder":
+            x = reflections.apply(x.float(), self.householder_vectors).to(x.dtype)
         if self.act_bits < 16:
             return self._integer_forward(x)
         if self.layout == "int4_cpu":
@@ -156,7 +168,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.padded_in_features != shape[-1]:
             x2 = nn.functional.pad(x2, (0, self.padded_in_features - shape[-1]))
-        codes, scale = quantize_activations(x2, self.act_bits, ACT_CLIP[self.act_bits])
+        clip = ACT_CLIP[self.act_bits] if self.act_clip_ratio is None else float(self.act_clip_ratio)
+        codes, scale = quantize_activations(x2, self.act_bits, clip)
         y = kernels.int8_group_linear(codes, scale, self.qweight, self.scale_offset).to(x.dtype)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
@@ -178,6 +191,14 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}, act_bits={self.act_bits}, "
                 f"input_transform={self.input_transform}, layout={self.layout}")
+
+    def input_transform_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        """W from the stored W·Tᵀ of an online input transform T (what a plain Linear needs)."""
+        if self.input_transform == "hadamard":
+            return hadamard_transform(w, inverse=True)
+        if self.input_transform == "householder":
+            return reflections.apply(w, self.householder_vectors.to(w.dtype), inverse=True)
+        return w
 
 
 class Nvfp4Linear(nn.Module):

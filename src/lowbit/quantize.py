@@ -150,6 +150,19 @@ def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
     return _finish(*best)
 
 
+def quantize_rtn_ratio(w: torch.Tensor, bits: int, group_size: int, ratio: torch.Tensor,
+                       dtype: torch.dtype = torch.float32):
+    """Round-to-nearest on each group's min/max range shrunk by a per-row `ratio` [out] (learned
+    clipping: Householder optimizes these ratios through the same grid)."""
+    _check(bits, group_size)
+    mask = _valid_mask(w.shape[1], group_size, w.device)
+    g = _grouped(w, group_size)
+    lo, hi = _masked_range(g, mask)
+    r = ratio.float().view(-1, 1)
+    codes, scale_offset = _finish(*round_to_grid(g, lo * r, hi * r, bits))
+    return codes, _round_for_storage(w, codes, scale_offset, bits, group_size, dtype)
+
+
 @_blockwise
 def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
     """Half-quadratic quantization: hqq's proximal solver with hqq's own default settings picks codes,

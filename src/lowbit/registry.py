@@ -3,12 +3,14 @@
 
 def methods() -> dict:
     from .arhq import ArhqConfig, ArhqHfQuantizer
+    from .householder import HouseholderConfig, HouseholderHfQuantizer
     from .hqq import HqqConfig, HqqHfQuantizer
     from .quarot import QuaRotConfig, QuaRotHfQuantizer
 
     return {HqqConfig.quant_method: (HqqConfig, HqqHfQuantizer),
             QuaRotConfig.quant_method: (QuaRotConfig, QuaRotHfQuantizer),
-            ArhqConfig.quant_method: (ArhqConfig, ArhqHfQuantizer)}
+            ArhqConfig.quant_method: (ArhqConfig, ArhqHfQuantizer),
+            HouseholderConfig.quant_method: (HouseholderConfig, HouseholderHfQuantizer)}
 
 
 def register_all() -> None:

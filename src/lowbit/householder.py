@@ -1,0 +1,383 @@
+"""Householder rotations (HH): a learned orthogonal Q = H_k…H_1 in front of each group of linears,
+optimized layer by layer together with learnable quantizer clipping (FlatQuant-style).
+
+Per decoder layer, four rotations: one shared by q/k/v, one for o_proj, one shared by gate/up, one for
+down_proj. Each starts from PCA: the reflections that map the top-k principal axes of its calibration
+inputs onto flat (Hadamard) directions, so the variance those axes carry is spread over every channel
+(k: the fewest axes holding `pca_variance` of the variance, or `reflections`). Then Adam minimises
+the MSE between the fp layer's output and the rotated, quantized layer's output over the Householder
+vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
+The next layer is calibrated on what the quantized layer outputs.
+
+Inference: W' = W·Qᵀ is quantized into a QuantLinear whose input transform applies Q as k rank-1
+updates at run time (no rotation folds into an RMSNorm, through attention or through the gated MLP),
+with the learned activation clip ratio. The checkpoint holds the packed weights, the Householder
+vectors and the ratios; reload sizes each module's vectors from the checkpoint header.
+"""
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from . import calibration, hadamard, integration, reflections, rotation
+from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
+from .modules import QuantLinear
+from .quantize import quantize_rtn_ratio
+
+logger = logging.getLogger(__name__)
+
+GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+GROUP_SIZES = (32, 64, 128, -1)
+INIT_CLIP_LOGIT = 5.0  # sigmoid(5) = 0.993: start from (almost) the unclipped range
+GENERATED_SOURCE = "text sampled from the model itself (no calibration data reachable)"
+
+
+class HouseholderConfig(LowbitConfig):
+    """Learned Householder rotations with learnable clipping, W{w_bits}A{a_bits}.
+
+    Args:
+        w_bits: 4 or 8. a_bits: 4, 8 or 16 (16: weight-only).
+        group_size: input channels per weight scale/offset (32, 64, 128; -1 = per output channel).
+        reflections: k for every rotation (None: from `pca_variance`).
+        pca_variance: in (0, 1]: k = the fewest principal axes explaining this share of the variance.
+        steps, lr: Adam steps per decoder layer and their learning rate (0 steps: PCA init only).
+        nsamples, cali_bsz, max_seq_len: calibration windows, windows per step, tokens per window.
+        num_layers: optimize only the first N decoder layers (the rest keep their PCA init).
+        calibration: a local text file, a list of strings, or a `datasets` name; None or unreachable:
+            text sampled from the model, said so in the log and in `calibration_source`.
+    """
+
+    quant_method = "lowbit_householder"
+    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "reflections": None, "pca_variance": 0.95,
+               "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "max_seq_len": 512, "num_layers": None,
+               "calibration": None, "seed": 13, "modules_to_not_convert": ["lm_head"], "calibration_source": None}
+
+    def validate(self):
+        super().validate()
+        check_choice("w_bits", self.w_bits, (4, 8))
+        check_choice("a_bits", self.a_bits, (4, 8, 16))
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        for name, low in (("reflections", 1), ("steps", 0), ("cali_bsz", 1), ("num_layers", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("reflections", "num_layers"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}"
+                                 f"{' or None' if name in ('reflections', 'num_layers') else ''}, got {value!r}")
+        pv = self.pca_variance
+        if isinstance(pv, bool) or not isinstance(pv, (int, float)) or not 0 < pv <= 1:
+            raise ValueError(f"pca_variance must be in (0, 1], got {pv!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        check_calibration(self, seqlen_field="max_seq_len")
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def _group_of(name: str):
+    return next((g for g, members in GROUPS.items() if name.endswith(members)), None)
+
+
+def check_model(model, config: HouseholderConfig, names) -> None:
+    rotation.check_architecture(model)
+    for name in names:
+        linear = model.get_submodule(name)
+        if config.group_size != -1 and linear.in_features % config.group_size:
+            raise ValueError(f"group_size={config.group_size} does not divide {name}.in_features="
+                             f"{linear.in_features}; pick one that divides every quantized layer's input width, "
+                             f"or -1 (one group per output channel)")
+        if config.reflections is not None and _group_of(name) and config.reflections > linear.in_features:
+            raise ValueError(f"reflections must be in [1, d] for every rotation; got {config.reflections} for "
+                             f"{name} (d = {linear.in_features})")
+
+
+# ---------------------------------------------------------------- calibration data
+
+def sample_text_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[nsamples, seqlen] token ids generated by the model from its BOS token (sampling, temperature 1)."""
+    torch.manual_seed(seed)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = torch.full((nsamples, 1), bos, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        out = model.generate(start, do_sample=True, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                             top_k=0, pad_token_id=tokenizer.eos_token_id)
+    return out[:, :seqlen].cpu()
+
+
+def calibration_ids(model, config: HouseholderConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    if config.calibration is not None:
+        try:
+            return calibration.calibration_ids(tokenizer, config.calibration, config.nsamples,
+                                               config.max_seq_len, config.seed)
+        except ValueError as err:
+            logger.warning("Householder: calibration %r unusable (%s)", config.calibration, err)
+    logger.warning("Householder: calibrating on %s: %d x %d tokens", GENERATED_SOURCE, config.nsamples,
+                   config.max_seq_len)
+    config.calibration_source = GENERATED_SOURCE
+    return sample_text_from_model(model, tokenizer, config.nsamples, config.max_seq_len, config.seed)
+
+
+# ---------------------------------------------------------------- PCA initialisation
+
+def pca_reflections(covariance: torch.Tensor, pca_variance: float, k: int | None = None) -> torch.Tensor:
+    """Vectors [k, d] of the reflections mapping the top-k principal axes of the (uncentred) input
+    covariance [d, d] onto the first k columns of the normalised Hadamard matrix of order d (flat
+    directions); k = the fewest axes explaining `pca_variance` of the variance unless given."""
+    values, axes = torch.linalg.eigh(covariance.double())
+    values, axes = values.flip(0).clamp_min(0), axes.flip(1)
+    d = axes.shape[0]
+    if k is None:
+        share = values.cumsum(0) / values.sum().clamp_min(1e-30)
+        k = int((share < pca_variance - 1e-12).sum()) + 1
+    k = min(k, d)
+    return reflections.mapping(axes[:, :k], hadamard.hadamard_matrix(d, torch.float64)[:, :k]).float()
+
+
+# ---------------------------------------------------------------- differentiable quantizers
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int, ratio: torch.Tensor) -> torch.Tensor:
+    """What `quantize_rtn_ratio` stores, differentiable (straight-through rounding) in w and ratio [out]."""
+    out, k = w.shape
+    g = w.reshape(out, k // group_size, group_size)
+    r = ratio.view(-1, 1)
+    lo, hi = g.amin(-1) * r, g.amax(-1) * r
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8).unsqueeze(-1)
+    q = torch.clamp(_round_ste((g - lo.unsqueeze(-1)) / scale), 0, qmax)
+    return (q * scale + lo.unsqueeze(-1)).reshape(out, k)
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, ratio: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric with clipping `ratio` (as QuantLinear's integer path), straight-through."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(-1, keepdim=True) * ratio / qmax).clamp_min(1e-8)
+    return torch.clamp(_round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+class _Rotation(nn.Module):
+    """One learnable rotation and the activation clipping of the quantizer behind it."""
+
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.vectors = nn.Parameter(vectors.clone())
+        self.act_clip_logit = nn.Parameter(torch.tensor(INIT_CLIP_LOGIT))
+
+
+class _TrainingLinear(nn.Module):
+    """Stands in for a linear during optimization: y = Q_a(Q·x) · Q_w(W·Qᵀ)ᵀ + b, all differentiable."""
+
+    def __init__(self, linear: nn.Linear, rot: _Rotation | None, config: HouseholderConfig):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.rot, self.config = rot, config
+        self.group_size = config.group_size_for(linear.in_features)
+        self.weight_clip_logit = nn.Parameter(torch.full((linear.out_features,), INIT_CLIP_LOGIT))
+
+    def forward(self, x):
+        cfg, w, x = self.config, self.weight, x.float()
+        if self.rot is not None:
+            x, w = reflections.apply(x, self.rot.vectors), reflections.apply(w, self.rot.vectors)
+            if cfg.a_bits < 16:
+                x = fake_quantize_activations(x, cfg.a_bits, torch.sigmoid(self.rot.act_clip_logit))
+        elif cfg.a_bits < 16:
+            x = fake_quantize_activations(x, cfg.a_bits, torch.sigmoid(torch.tensor(INIT_CLIP_LOGIT)))
+        w = fake_quantize_weight(w, cfg.w_bits, self.group_size, torch.sigmoid(self.weight_clip_logit))
+        return nn.functional.linear(x, w, self.bias)
+
+
+# ---------------------------------------------------------------- layer by layer
+
+def _layer_mse(layer, inputs, targets) -> float:
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for (hidden, kwargs), target in zip(inputs.batches(), targets):
+            out = layer(hidden, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            total += (out.float() - target).pow(2).sum().item()
+            count += target.numel()
+    return total / count
+
+
+def _swap(layer, modules: dict) -> dict:
+    """Install `modules` {relative name: module} into the layer; returns what they replaced."""
+    old = {}
+    for name, module in modules.items():
+        old[name] = layer.get_submodule(name)
+        integration.set_module(layer, name, module)
+    return old
+
+
+def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, progress: bool = False) -> dict:
+    """PCA-initialise and optimize the rotations and clipping of one decoder layer's linears `names`
+    (relative to the layer), in fp32, on `inputs`. Returns the learned parts per linear and the layer
+    MSE with no rotation, after the PCA init and after optimization. A non-finite loss stops the
+    optimization at the last finite state; a result worse than the PCA init falls back to the init."""
+    from tqdm.auto import tqdm
+
+    dtype = layer.input_layernorm.weight.dtype
+    layer.float()
+    inputs32 = calibration.LayerInputs([h.float() for h in inputs.hidden], inputs.kwargs)
+    with torch.no_grad():
+        targets = []
+        for hidden, kwargs in inputs32.batches():
+            out = layer(hidden, **kwargs)
+            targets.append((out[0] if isinstance(out, tuple) else out).float())
+    groups = sorted({_group_of(n) for n in names})
+    covariances, _ = calibration.input_statistics(
+        layer, inputs32, {g: layer.get_submodule(GROUPS[g][0]) for g in groups},
+        lambda x: x.float().T @ x.float(), torch.add)
+    rots = {g: _Rotation(pca_reflections(covariances[g], config.pca_variance, config.reflections)) for g in groups}
+    original = _swap(layer, {n: _TrainingLinear(layer.get_submodule(n), None, config) for n in names})
+    mse_none = _layer_mse(layer, inputs32, targets)
+    trained = {n: _TrainingLinear(original[n], rots[_group_of(n)], config) for n in names}
+    _swap(layer, trained)
+    mse_init = _layer_mse(layer, inputs32, targets)
+    params = [p for r in rots.values() for p in r.parameters()] + [m.weight_clip_logit for m in trained.values()]
+    init_state = [p.detach().clone() for p in params]
+    if steps:
+        opt = torch.optim.Adam(params, lr=config.lr)
+        batches = list(zip(inputs32.batches(), targets))
+        for step in tqdm(range(steps), desc="steps", leave=False, disable=not progress):
+            (hidden, kwargs), target = batches[step % len(batches)]
+            out = layer(hidden, **kwargs)
+            loss = (out[0] if isinstance(out, tuple) else out).float().sub(target).pow(2).mean()
+            if not torch.isfinite(loss):
+                logger.warning("Householder: non-finite loss at step %d; stopping at the last finite state", step)
+                break
+            last_state = [p.detach().clone() for p in params]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if not all(torch.isfinite(p).all() for p in params):
+                with torch.no_grad():
+                    for p, saved in zip(params, last_state):
+                        p.copy_(saved)
+                logger.warning("Householder: non-finite parameters after step %d; back to the state before it", step)
+                break
+    mse_opt = _layer_mse(layer, inputs32, targets)
+    fell_back = not math.isfinite(mse_opt) or mse_opt > mse_init
+    if fell_back:
+        logger.warning("Householder: optimization made the layer worse (MSE %.3g vs %.3g at the PCA init); "
+                       "keeping the PCA init", mse_opt, mse_init)
+        with torch.no_grad():
+            for p, saved in zip(params, init_state):
+                p.copy_(saved)
+        mse_opt = mse_init
+    _swap(layer, original)
+    layer.to(dtype)
+    parts = {n: {"vectors": trained[n].rot.vectors.detach().clone(),
+                 "act_clip": torch.sigmoid(trained[n].rot.act_clip_logit).detach().clone(),
+                 "weight_clip": torch.sigmoid(trained[n].weight_clip_logit).detach().clone()} for n in names}
+    return {"parts": parts, "mse_none": mse_none, "mse_init": mse_init, "mse_opt": mse_opt, "fell_back": fell_back,
+            "reflections": {g: r.vectors.shape[0] for g, r in rots.items()}}
+
+
+def quantized_module(linear: nn.Linear, parts: dict | None, config: HouseholderConfig) -> QuantLinear:
+    """The QuantLinear of `linear` with its learned rotation and clipping (`parts`), or plain RTN."""
+    gs = config.group_size_for(linear.in_features)
+    if parts is None:
+        return QuantLinear.from_linear(linear, config.w_bits, gs, solver="rtn_clip", act_bits=config.a_bits)
+    vectors, learned = parts["vectors"], config.a_bits < 16
+    module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.w_bits, gs,
+                         dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.a_bits,
+                         input_transform="householder", reflections=vectors.shape[0], learned_act_clip=learned)
+    ratio = parts["weight_clip"]
+    rotated = reflections.apply(linear.weight.detach().float(), vectors)  # W·Qᵀ, row by row
+    solve = lambda w, bits, group_size, dtype: quantize_rtn_ratio(w, bits, group_size, ratio, dtype)  # noqa: E731
+    for name, tensor in module.quantized_tensors(rotated, solve).items():
+        setattr(module, name, tensor)
+    module.householder_vectors.copy_(vectors)
+    if learned:
+        module.act_clip_ratio.copy_(parts["act_clip"])
+    if linear.bias is not None:
+        module.bias.data = linear.bias.data.clone()
+    return module.prepare_runtime()
+
+
+def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, progress: bool = False) -> dict:
+    """Optimize one decoder layer and swap its linears for QuantLinear modules; its report row."""
+    prefix = f"model.layers.{index}."
+    mine = [n[len(prefix):] for n in names if n.startswith(prefix) and _group_of(n)]
+    steps = config.steps if config.num_layers is None or index < config.num_layers else 0
+    start = time.perf_counter()
+    with torch.enable_grad():
+        res = optimize_layer(layer, inputs, config, steps, mine, progress)
+    for rel in mine:
+        integration.set_module(layer, rel, quantized_module(layer.get_submodule(rel), res["parts"][rel], config))
+    integration.malloc_trim()()
+    return {"layer": index, "steps": steps, "seconds": time.perf_counter() - start,
+            **{k: v for k, v in res.items() if k != "parts"}}
+
+
+@torch.no_grad()
+def quantize_model(model, config: HouseholderConfig, report: list | None = None) -> None:
+    """Optimize and quantize every targeted linear in place; `report` collects each layer's row."""
+    names = integration.linears_to_quantize(model, config.modules_to_not_convert)
+    check_model(model, config, names)
+    progress = integration.progress_enabled()
+    ids = calibration_ids(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for index, layer, inputs in calibration.layer_by_layer(model, ids, config.cali_bsz, progress=progress):
+        row = quantize_layer(layer, index, inputs, names, config)
+        if report is not None:
+            report.append(row)
+    for name in names:  # outside the rotated groups (a head the user chose to quantize): RTN, no rotation
+        if not isinstance(model.get_submodule(name), QuantLinear):
+            integration.set_module(model, name, quantized_module(model.get_submodule(name), None, config))
+    integration.prepare_runtime(model)
+
+
+def _checkpoint_reflections(checkpoint_files) -> dict:
+    """{module name: k} from the shapes of the stored Householder vectors."""
+    header = {}
+    for f in checkpoint_files or []:
+        if str(f).endswith(".safetensors"):
+            header.update(integration._safetensors_header(str(f)))
+    suffix = ".householder_vectors"
+    return {k[:-len(suffix)]: v["shape"][0] for k, v in header.items() if k.endswith(suffix)}
+
+
+class HouseholderHfQuantizer(LowbitHfQuantizer):
+    """Quantize on load: the fp model loads, then `quantize_model` optimizes and quantizes it layer by
+    layer. Reload: QuantLinear modules sized from the checkpoint's Householder vectors."""
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        names = integration.linears_to_quantize(model, cfg.modules_to_not_convert)
+        check_model(model, cfg, names)
+        if self.pre_quantized:
+            ks = _checkpoint_reflections(checkpoint_files)
+
+            def spec(name, linear):
+                k = ks.get(name, 0)
+                return {"bits": cfg.w_bits, "group_size": cfg.group_size_for(linear.in_features),
+                        "act_bits": cfg.a_bits, "input_transform": "householder" if k else None,
+                        "reflections": k, "learned_act_clip": bool(k) and cfg.a_bits < 16}
+
+            integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
+            integration.verify_checkpoint(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            quantize_model(model, self.quantization_config)
+        else:
+            integration.prepare_runtime(model)
+        return model
+

@@ -1,0 +1,44 @@
+"""Products of Householder reflections, Q = H_k…H_1 with H_i = I − 2·v_i v_iᵀ / ‖v_i‖².
+
+Orthogonal by construction for any vectors (so gradient descent on the v_i never leaves the orthogonal
+group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as k rank-1 updates.
+"""
+import torch
+
+
+def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Q·x for every row x of `x` [..., d] (H_1 first); `inverse`: Qᵀ·x (H_k first). Differentiable in
+    both `x` and `vectors` [k, d].
+
+    The k rank-1 updates are applied in their blocked (compact WY) form: with unit vectors V [d, k],
+    H_1…H_k = I − V·S⁻¹·Vᵀ for the upper-triangular S = striu(VᵀV) + I/2 (Joffrain et al., 2006), so
+    Q·x costs two [*, d]×[d, k] products and a k×k triangular solve instead of k sequential updates
+    (and autograd keeps O(k) values per token, not k copies of x)."""
+    if vectors.shape[0] == 0:
+        return x
+    v = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [k, d]
+    s = torch.triu(v @ v.T, diagonal=1) + 0.5 * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
+    xv = x @ v.T  # [..., k]
+    flat = xv.reshape(-1, v.shape[0])
+    # rows: Q·x = x − (x·V)·S⁻¹·Vᵀ (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·V)·S⁻ᵀ·Vᵀ
+    y = torch.linalg.solve_triangular(s.T if inverse else s, flat, upper=not inverse, left=False)
+    return x - (y @ v).reshape(x.shape)
+
+
+def matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """The dense Q [d, d] (for tests and folding; never what runs)."""
+    return apply(torch.eye(vectors.shape[1], dtype=vectors.dtype, device=vectors.device), vectors).T
+
+
+@torch.no_grad()
+def mapping(sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Vectors [k, d] of reflections with Q·s_i = ±t_i for the orthonormal columns s_i, t_i of
+    `sources`, `targets` [d, k]. Step i maps H_{i−1}…H_1·s_i onto t_i with v ⊥ t_1..t_{i−1}, so earlier
+    columns stay in place; the sign of t_i is the one farther from the current vector (a stable v)."""
+    d, k = sources.shape
+    vectors = torch.zeros(k, d, dtype=sources.dtype, device=sources.device)
+    for i in range(k):
+        a = apply(sources[:, i], vectors[:i])
+        t = targets[:, i] * (-1.0 if float(a @ targets[:, i]) > 0 else 1.0)
+        vectors[i] = a - t
+    return vectors

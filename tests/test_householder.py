@@ -1,0 +1,173 @@
+"""Householder rotations: the reflection primitive, the PCA init, layer-wise optimization, reload."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import build_tiny, run_python
+from transformers import AutoModelForCausalLM
+
+import lowbit
+from lowbit import hadamard, householder, reflections
+from lowbit.modules import QuantLinear
+
+CALIBRATION = ["the quick brown fox jumps over the lazy dog. " * 12, "pack my box with five dozen liquor jugs. " * 12]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_hh(tmp_path_factory):
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-hh"), intermediate_size=256)
+
+
+def _ids(vocab, shape=(2, 24), seed=1):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("k", [1, 3, 17, 64])
+def test_reflections_are_orthogonal_and_rank1_updates_equal_the_dense_product(k):
+    g = torch.Generator().manual_seed(k)
+    v = torch.randn(k, 64, generator=g)
+    q = reflections.matrix(v)
+    assert torch.allclose(q @ q.T, torch.eye(64), atol=1e-5)
+    dense = torch.eye(64)
+    for i in range(k):  # Q = H_k…H_1, built the slow way
+        u = v[i] / v[i].norm()
+        dense = (torch.eye(64) - 2 * torch.outer(u, u)) @ dense
+    x = torch.randn(5, 64, generator=g)
+    assert torch.allclose(reflections.apply(x, v), x @ dense.T, atol=1e-5)
+    assert torch.allclose(reflections.apply(reflections.apply(x, v), v, inverse=True), x, atol=1e-5)
+
+
+def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
+    g = torch.Generator().manual_seed(0)
+    d = 48  # 48 = 4·12: a Paley block
+    top = torch.randn(d, generator=g)
+    top /= top.norm()
+    x = torch.randn(4000, d, generator=g) * 0.1 + torch.randn(4000, 1, generator=g) * 5 * top
+    vectors = householder.pca_reflections(x.T @ x, pca_variance=0.5)
+    assert vectors.shape[0] == 1  # one axis holds more than half of the variance
+    mapped = reflections.apply(top, vectors)
+    flat = hadamard.hadamard_matrix(d)[:, 0]
+    assert torch.allclose(mapped.abs(), flat.abs(), atol=0.05) and mapped.abs().max() < 0.2
+    assert householder.pca_reflections(x.T @ x, pca_variance=1.0).shape[0] == d
+    assert householder.pca_reflections(x.T @ x, pca_variance=0.5, k=5).shape[0] == 5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"reflections": 0}, r"reflections must be an integer >= 1 or None, got 0"),
+    ({"pca_variance": 0.0}, r"pca_variance must be in \(0, 1\], got 0.0"),
+    ({"pca_variance": 1.5}, r"pca_variance must be in \(0, 1\], got 1.5"),
+    ({"steps": -1}, r"steps must be an integer >= 0, got -1"),
+    ({"a_bits": 3}, r"a_bits must be one of \[4, 8, 16\], got 3"),
+    ({"lr": 0}, r"lr must be a positive number, got 0"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.HouseholderConfig(**kwargs)
+
+
+def test_too_many_reflections_and_unsupported_architecture_are_refused(tiny_llama_hh, tmp_path):
+    with pytest.raises(ValueError, match=r"reflections must be in \[1, d\] for every rotation; got 200"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_hh, quantization_config=lowbit.HouseholderConfig(
+            reflections=200, calibration=CALIBRATION))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=80)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rotations support .* got GPT2LMHeadModel"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=lowbit.HouseholderConfig())
+
+
+def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
+    cfg = lowbit.HouseholderConfig(group_size=-1, steps=15, nsamples=4, cali_bsz=2, max_seq_len=64,
+                                   num_layers=2, calibration=CALIBRATION * 4)
+    model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
+    report = []
+    householder.quantize_model(model, cfg, report=report)
+    for row in report[:2]:
+        assert row["mse_opt"] < row["mse_init"] < row["mse_none"], row
+    assert all(r["mse_opt"] == r["mse_init"] for r in report[2:])  # beyond num_layers: the PCA init
+    assert all(torch.isfinite(m.householder_vectors).all() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
+    cfg = lowbit.HouseholderConfig(group_size=32, steps=4, nsamples=4, cali_bsz=2, max_seq_len=32,
+                                   calibration=CALIBRATION)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.bfloat16, quantization_config=cfg)
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(mods) == 7 * model.config.num_hidden_layers
+    assert all(m.input_transform == "householder" and m.act_bits == 8 for m in mods)
+    ids = _ids(model.config.vocab_size)
+    logits = _logits(model, ids)
+    out = tmp_path / "q"
+    model.save_pretrained(out)
+    torch.save(ids, tmp_path / "ids.pt")
+    res = run_python(f"""
+import json, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+with torch.no_grad():
+    torch.save(m(ids).logits.float(), {str(tmp_path / 'reloaded.pt')!r})
+q = m.model.layers[0].self_attn.q_proj
+print(json.dumps({{"cls": type(q).__name__, "k": q.householder_vectors.shape[0]}}))
+""")
+    assert res["cls"] == "QuantLinear" and res["k"] == model.model.layers[0].self_attn.q_proj.householder_vectors.shape[0]
+    assert torch.equal(torch.load(tmp_path / "reloaded.pt"), logits)
+
+
+def test_model_generated_calibration_is_said_so(tiny_llama_hh, caplog):
+    cfg = lowbit.HouseholderConfig(group_size=32, steps=0, nsamples=2, cali_bsz=2, max_seq_len=16)
+    with caplog.at_level("WARNING", logger="lowbit.householder"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, quantization_config=cfg)
+    assert "text sampled from the model itself" in caplog.text
+    assert model.config.quantization_config.calibration_source == householder.GENERATED_SOURCE
+
+
+def test_generate_pipeline_and_dequantize(tiny_llama_hh):
+    from transformers import AutoTokenizer, pipeline
+
+    cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, steps=2, nsamples=2, cali_bsz=2, max_seq_len=32,
+                                   calibration=CALIBRATION)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.float32, quantization_config=cfg)
+    out = model.generate(_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 12)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_hh)
+    text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"].startswith("hello")
+    ids = _ids(model.config.vocab_size)
+    quantized = _logits(model, ids)  # a_bits=16: weights only, so dequantizing must not change the function
+    model.dequantize()
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert torch.allclose(_logits(model, ids), quantized, atol=1e-3 * quantized.abs().max().item())
+
+
+def test_cli_householder_writes_the_tagged_folder(tiny_llama_hh, tmp_path, monkeypatch):
+    from lowbit.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(CALIBRATION))
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--method", "householder", "-q", "--src", str(tiny_llama_hh), "--group-size", "32",
+                 "--steps", "1", "--nsamples", "2", "--cali-bsz", "2", "--calib-seqlen", "16",
+                 "--calib", str(calib)]) == 0
+    out = tmp_path / f"{tiny_llama_hh.name}-HH_w4_g32_a8_headfp16"
+    meta = json.loads((out / "quantization_metadata.json").read_text())
+    assert meta["method"] == "lowbit_householder" and meta["settings"]["steps"] == 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "householder", "--pca-variance", "2"], r"pca_variance must be in \(0, 1\]"),
+    (["--method", "householder", "--reflections", "0"], "reflections must be an integer >= 1"),
+    (["--method", "quarot", "--steps", "3"], "--steps cannot be used with --method quarot"),
+])
+def test_cli_householder_bad_input_writes_nothing(tiny_llama_hh, tmp_path, capsys, args, match):
+    from lowbit.cli import main
+
+    assert main(["quantize", "-q", "--src", str(tiny_llama_hh), "--dst", str(tmp_path / "out"), *args]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
