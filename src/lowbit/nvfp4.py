@@ -73,13 +73,16 @@ def quantize(x: torch.Tensor, tensor_scale: torch.Tensor | None = None
     return pack(codes), block_scales, ts
 
 
+# the two values of each packed byte (low nibble first): one lookup per byte, no unpacking
+_BYTE_VALUES = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], -1)
+
+
 def dequantize(codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of `quantize`, up to rounding: [..., K] in `dtype`."""
-    codes = unpack(codes_packed)
-    values = E2M1_VALUES.to(codes.device)[codes.long()]
+    values = _BYTE_VALUES.to(codes_packed.device)[codes_packed.int()]  # [..., K//2, 2]
     values = values.reshape(*block_scales.shape, BLOCK_SIZE) * block_scales.float().unsqueeze(-1)
-    return (values * tensor_scale.float()).reshape(codes.shape).to(dtype)
+    return (values * tensor_scale.float()).reshape(*codes_packed.shape[:-1], -1).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
