@@ -219,3 +219,14 @@ def test_cli_arhq_bad_input_writes_nothing(tiny_llama_16, tmp_path, capsys, args
     assert main(["quantize", "-q", "--src", str(tiny_llama_16), "--dst", str(tmp_path / "out"), *args]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_smoothing_leaves_an_unquantized_o_proj_untouched(tiny_llama_16):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
+    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION, nsamples=2, seqlen=64,
+                            modules_to_not_convert=["lm_head", "o_proj"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
+    for layer, ref_layer in zip(model.model.layers, ref.model.layers):
+        assert type(layer.self_attn.o_proj) is torch.nn.Linear
+        assert torch.equal(layer.self_attn.o_proj.weight, ref_layer.self_attn.o_proj.weight)
+        assert not layer.self_attn.o_proj._forward_pre_hooks

@@ -81,8 +81,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=lowbit.QuaRotConfig(group_size=-1))
 
 
-def test_calibration_list_is_described_not_copied_into_config():
-    cfg = lowbit.QuaRotConfig(weight_quantizer="gptq", calibration=["some text"] * 3)
+@pytest.mark.parametrize("config_cls", ["QuaRotConfig", "ArhqConfig", "HouseholderConfig"])
+def test_calibration_list_is_described_not_copied_into_config(config_cls):
+    cfg = getattr(lowbit, config_cls)(calibration=["some text"] * 3)
     assert cfg.to_dict()["calibration"] == "<3 calibration strings>"
 
 

@@ -138,9 +138,10 @@ def smoothing_scales(act_absmax: torch.Tensor, weights, alpha: float) -> torch.T
 
 
 @torch.no_grad()
-def _smooth_layer(layer, inputs, alpha: float) -> dict:
-    """Fold smoothing into one decoder layer (the fp function is unchanged); returns o_proj's scale,
-    which stays in the module: until then a pre-hook divides o_proj's input (call `remove` on it)."""
+def _smooth_layer(layer, inputs, alpha: float, smooth_o_proj: bool = True) -> dict | None:
+    """Fold smoothing into one decoder layer (the fp function is unchanged). o_proj's scale stays in its
+    module, so it is only applied when o_proj is being quantized (`smooth_o_proj`): then it is returned,
+    and until the module holds it a pre-hook divides o_proj's input (call `remove` on it)."""
     attn, mlp = layer.self_attn, layer.mlp
     readers = {"attn": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
                "mlp": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
@@ -156,6 +157,8 @@ def _smooth_layer(layer, inputs, alpha: float) -> dict:
     if mlp.up_proj.bias is not None:
         mlp.up_proj.bias.data = (mlp.up_proj.bias.data.float() / s).to(mlp.up_proj.bias.dtype)
     mlp.down_proj.weight.data = (mlp.down_proj.weight.data.float() * s).to(mlp.down_proj.weight.dtype)
+    if not smooth_o_proj:
+        return None
     s_o = smoothing_scales(absmax["o"], [attn.o_proj.weight], alpha).to(attn.o_proj.weight.dtype)
     attn.o_proj.weight.data = (attn.o_proj.weight.data.float() * s_o.float()).to(attn.o_proj.weight.dtype)
     hook = attn.o_proj.register_forward_pre_hook(lambda m, args: (args[0] / s_o.to(args[0].dtype),))
@@ -190,7 +193,9 @@ def quantize_model(model, config: ArhqConfig) -> None:
     for _, layer, inputs in calibration.layer_by_layer(model, ids, CALIBRATION_BATCH, progress=progress):
         prefix = f"model.layers.{index[id(layer)]}."
         mine = [n for n in names if n.startswith(prefix)]
-        smooth = _smooth_layer(layer, inputs, config.smoothing) if config.smoothing is not None else None
+        smooth = None
+        if config.smoothing is not None:
+            smooth = _smooth_layer(layer, inputs, config.smoothing, any(_keeps_smooth_scale(config, n) for n in mine))
         try:
             hessians = {}
             if config.decomposition == "arhq" and config.rank:

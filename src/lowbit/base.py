@@ -31,6 +31,12 @@ class LowbitConfig(QuantizationConfigMixin):
         self.quant_method = type(self).quant_method
         self.validate()
 
+    def to_dict(self):
+        d = super().to_dict()
+        if isinstance(d.get("calibration"), list):  # describe, do not copy, the calibration texts into config.json
+            d["calibration"] = f"<{len(d['calibration'])} calibration strings>"
+        return d
+
     def validate(self):
         mods = self.modules_to_not_convert
         if mods is not None and (not isinstance(mods, list) or not all(isinstance(m, str) for m in mods)):

@@ -67,6 +67,9 @@ class QuantLinear(nn.Module):
         f32 = {"dtype": torch.float32, "device": device}  # not the loader's default dtype
         self.register_buffer("householder_vectors", torch.empty(reflections, in_features, **f32) if reflections else None)
         self.register_buffer("act_clip_ratio", torch.empty((), **f32) if learned_act_clip else None)
+        # runtime only: the WY factors of the reflections, computed once (`reflections.wy_factors`)
+        self.register_buffer("householder_unit", None, persistent=False)
+        self.register_buffer("householder_triangle", None, persistent=False)
         self.layout = "packed"  # "int4_cpu" / "int8_groups" once prepare_runtime() ran
         # 8 bits on the int4 kernel: the scale_offset tables of the high and low halves (runtime only)
         self.register_buffer("nibble_scale_offsets", None, persistent=False)
@@ -150,7 +153,10 @@ class QuantLinear(nn.Module):
         if self.input_transform == "hadamard":
             x = hadamard_transform(x.float()).to(x.dtype)
         elif self.input_transform == "householder":
-            x = reflections.apply(x.float(), self.householder_vectors).to(x.dtype)
+            if self.householder_unit is None:
+                self.householder_unit, self.householder_triangle = reflections.wy_factors(self.householder_vectors)
+            factors = (self.householder_unit, self.householder_triangle)
+            x = reflections.apply(x.float(), self.householder_vectors, factors=factors).to(x.dtype)
         if self.act_bits < 16:
             return self._integer_forward(x)
         if self.layout == "int4_cpu":

@@ -74,12 +74,6 @@ class QuaRotConfig(LowbitConfig):
     def needs_calibration(self) -> bool:
         return self.weight_quantizer == "gptq" or self.rotation_method == "pca"
 
-    def to_dict(self):
-        d = super().to_dict()
-        if isinstance(d.get("calibration"), list):  # describe, do not copy, the calibration texts into config.json
-            d["calibration"] = f"<{len(d['calibration'])} calibration strings>"
-        return d
-
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 

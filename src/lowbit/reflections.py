@@ -6,21 +6,26 @@ group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as
 import torch
 
 
-def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Q·x for every row x of `x` [..., d] (H_1 first); `inverse`: Qᵀ·x (H_k first). Differentiable in
-    both `x` and `vectors` [k, d].
+def wy_factors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, S): the unit vectors [k, d] and the upper-triangular S = striu(VVᵀ) + I/2 [k, k] of the
+    compact WY form H_1…H_k = I − Vᵀ·S⁻¹·V (Joffrain et al., 2006). A runtime computes them once."""
+    v = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s = torch.triu(v @ v.T, diagonal=1) + 0.5 * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
+    return v, s
 
-    The k rank-1 updates are applied in their blocked (compact WY) form: with unit vectors V [d, k],
-    H_1…H_k = I − V·S⁻¹·Vᵀ for the upper-triangular S = striu(VᵀV) + I/2 (Joffrain et al., 2006), so
-    Q·x costs two [*, d]×[d, k] products and a k×k triangular solve instead of k sequential updates
-    (and autograd keeps O(k) values per token, not k copies of x)."""
+
+def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors=None) -> torch.Tensor:
+    """Q·x for every row x of `x` [..., d] (H_1 first); `inverse`: Qᵀ·x (H_k first). Differentiable in
+    both `x` and `vectors` [k, d]; `factors`: `wy_factors(vectors)` when already computed.
+
+    The k rank-1 updates are applied in their blocked (compact WY) form, so Q·x costs two [*, d]×[d, k]
+    products and a k×k triangular solve instead of k sequential updates (and autograd keeps O(k)
+    values per token, not k copies of x)."""
     if vectors.shape[0] == 0:
         return x
-    v = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [k, d]
-    s = torch.triu(v @ v.T, diagonal=1) + 0.5 * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
-    xv = x @ v.T  # [..., k]
-    flat = xv.reshape(-1, v.shape[0])
-    # rows: Q·x = x − (x·V)·S⁻¹·Vᵀ (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·V)·S⁻ᵀ·Vᵀ
+    v, s = factors if factors is not None else wy_factors(vectors)
+    flat = (x @ v.T).reshape(-1, v.shape[0])
+    # rows: Q·x = x − (x·Vᵀ)·S⁻¹·V (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·Vᵀ)·S⁻ᵀ·V
     y = torch.linalg.solve_triangular(s.T if inverse else s, flat, upper=not inverse, left=False)
     return x - (y @ v).reshape(x.shape)
 
