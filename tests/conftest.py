@@ -56,6 +56,28 @@ def stories():
     return STORIES
 
 
+# calibration texts for the tiny models (a list of strings, so no file is needed)
+CALIBRATION_TEXTS = ["the quick brown fox jumps over the lazy dog. " * 12, "pack my box with five dozen liquor jugs. " * 12]
+
+
+def random_ids(vocab, shape=(2, 24), seed=1):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def forward_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def cli_refuses(src, tmp_path, capsys, args) -> str:
+    """`lowbit quantize ARGS` on `src` must fail with exit code 2 and write nothing; its stderr."""
+    from lowbit.cli import main
+
+    assert main(["quantize", "-q", "--src", str(src), "--dst", str(tmp_path / "out"), *args]) == 2
+    assert list(tmp_path.iterdir()) == []
+    return capsys.readouterr().err
+
+
 def run_python(code: str, env=None, timeout=300) -> dict:
     """Run `code` in a fresh interpreter (the installed lowbit, its .pth hook active); it prints one JSON line last."""
     full_env = {**os.environ, **(env or {})}

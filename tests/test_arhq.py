@@ -5,29 +5,17 @@ import re
 
 import pytest
 import torch
-from conftest import build_tiny, run_python
+from conftest import CALIBRATION_TEXTS, build_tiny, cli_refuses, forward_logits, random_ids, run_python
 from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit import arhq, calibration, nvfp4
 from lowbit.modules import Nvfp4Linear
 
-CALIBRATION = ["the quick brown fox jumps over the lazy dog. " * 12, "pack my box with five dozen liquor jugs. " * 12]
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_16(tmp_path_factory):
     """Every width a multiple of 16 except down_proj's input (intermediate 200): that one stays fp."""
     return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-16"), intermediate_size=200)
-
-
-def _ids(vocab, shape=(2, 24), seed=1):
-    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def _outlier_layer(n=2048, k=128, out=96, seed=0):
@@ -42,10 +30,10 @@ def _outlier_layer(n=2048, k=128, out=96, seed=0):
     ({"rank": -1}, r"rank must be a non-negative integer"),
     ({"rank": True}, r"rank must be a non-negative integer"),
     ({"decomposition": "svd"}, r"decomposition must be one of \['arhq', 'svdquant'\], got 'svd'"),
-    ({"smoothing": 1.5, "calibration": CALIBRATION}, r"smoothing must be None or a migration strength alpha in \[0, 1\]"),
+    ({"smoothing": 1.5, "calibration": CALIBRATION_TEXTS}, r"smoothing must be None or a migration strength alpha in \[0, 1\]"),
     ({}, r"decomposition='arhq' with rank=128 needs calibration data"),
     ({"decomposition": "svdquant", "smoothing": 0.5}, r"smoothing=0.5 needs calibration data"),
-    ({"nsamples": 0, "calibration": CALIBRATION}, r"nsamples must be a positive integer, got 0"),
+    ({"nsamples": 0, "calibration": CALIBRATION_TEXTS}, r"nsamples must be a positive integer, got 0"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -113,29 +101,29 @@ def test_per_token_activation_rounding_is_independent_of_the_batch():
 
 def test_smoothing_folds_without_changing_the_fp_model(tiny_llama_16):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
-    ids = _ids(model.config.vocab_size)
-    ref = _logits(model, ids)
+    ids = random_ids(model.config.vocab_size)
+    ref = forward_logits(model, ids)
     hooks = []
     for _, layer, inputs in calibration.layer_by_layer(model, ids, 2, progress=False):
         before = layer.self_attn.q_proj.weight.clone()
         hooks.append(arhq._smooth_layer(layer, inputs, 0.5)["hook"])
         assert not torch.equal(before, layer.self_attn.q_proj.weight)
-    assert torch.allclose(_logits(model, ids), ref, atol=1e-4 * ref.abs().max().item())
+    assert torch.allclose(forward_logits(model, ids), ref, atol=1e-4 * ref.abs().max().item())
     for h in hooks:
         h.remove()
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 8, "smoothing": 0.5}, {"rank": 0}])
 def test_quantize_save_reload_in_a_fresh_process(tiny_llama_16, tmp_path, kwargs):
-    cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION, nsamples=4, seqlen=64)
+    cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION_TEXTS, nsamples=4, seqlen=64)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.bfloat16, quantization_config=cfg)
     layers = model.config.num_hidden_layers
     modules = [m for m in model.modules() if isinstance(m, Nvfp4Linear)]
     assert len(modules) == 6 * layers and all(m.rank == kwargs["rank"] for m in modules)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # 200 is not a multiple of 16
     assert sum(m.smooth_scale is not None for m in modules) == (layers if kwargs.get("smoothing") else 0)
-    ids = _ids(model.config.vocab_size)
-    logits = _logits(model, ids)
+    ids = random_ids(model.config.vocab_size)
+    logits = forward_logits(model, ids)
     out = tmp_path / "q"
     model.save_pretrained(out)
     torch.save(ids, tmp_path / "ids.pt")
@@ -160,13 +148,13 @@ print(json.dumps({{"cls": type(m.model.layers[0].self_attn.q_proj).__name__, "dt
 
 def test_arhq_beats_svdquant_and_rank0_on_the_model(tiny_llama_16):
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
-    ids = _ids(ref.config.vocab_size)
+    ids = random_ids(ref.config.vocab_size)
     errs = {}
     for name, kwargs in (("rank0", {"rank": 0}), ("svdquant", {"rank": 16, "decomposition": "svdquant"}),
                          ("arhq", {"rank": 16})):
-        cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION, nsamples=4, seqlen=64)
+        cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION_TEXTS, nsamples=4, seqlen=64)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
-        errs[name] = ((_logits(model, ids) - _logits(ref, ids)).norm() / _logits(ref, ids).norm()).item()
+        errs[name] = ((forward_logits(model, ids) - forward_logits(ref, ids)).norm() / forward_logits(ref, ids).norm()).item()
     assert errs["svdquant"] < errs["rank0"] and errs["arhq"] < errs["rank0"], errs
 
 
@@ -175,7 +163,7 @@ def test_generate_and_pipeline(tiny_llama_16):
 
     cfg = lowbit.ArhqConfig(rank=4, decomposition="svdquant")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
-    out = model.generate(_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
+    out = model.generate(random_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 12)
     tok = AutoTokenizer.from_pretrained(tiny_llama_16)
     text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
@@ -183,7 +171,7 @@ def test_generate_and_pipeline(tiny_llama_16):
 
 
 def test_dequantize_gives_the_layer_without_input_rounding(tiny_llama_16):
-    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION, nsamples=2, seqlen=64)
+    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION_TEXTS, nsamples=2, seqlen=64)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
     o_proj = model.model.layers[0].self_attn.o_proj
     x = torch.randn(3, o_proj.in_features)
@@ -214,16 +202,12 @@ def test_cli_arhq_writes_the_tagged_folder(tiny_llama_16, tmp_path, monkeypatch)
     (["--method", "hqq", "--rank", "4"], "--rank cannot be used with --method hqq"),
 ])
 def test_cli_arhq_bad_input_writes_nothing(tiny_llama_16, tmp_path, capsys, args, match):
-    from lowbit.cli import main
-
-    assert main(["quantize", "-q", "--src", str(tiny_llama_16), "--dst", str(tmp_path / "out"), *args]) == 2
-    assert re.search(match, capsys.readouterr().err)
-    assert list(tmp_path.iterdir()) == []
+    assert re.search(match, cli_refuses(tiny_llama_16, tmp_path, capsys, args))
 
 
 def test_smoothing_leaves_an_unquantized_o_proj_untouched(tiny_llama_16):
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32)
-    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION, nsamples=2, seqlen=64,
+    cfg = lowbit.ArhqConfig(rank=4, smoothing=0.5, calibration=CALIBRATION_TEXTS, nsamples=2, seqlen=64,
                             modules_to_not_convert=["lm_head", "o_proj"])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, dtype=torch.float32, quantization_config=cfg)
     for layer, ref_layer in zip(model.model.layers, ref.model.layers):

@@ -4,28 +4,16 @@ import re
 
 import pytest
 import torch
-from conftest import build_tiny, run_python
+from conftest import CALIBRATION_TEXTS, build_tiny, cli_refuses, forward_logits, random_ids, run_python
 from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit import hadamard, householder, reflections
 from lowbit.modules import QuantLinear
 
-CALIBRATION = ["the quick brown fox jumps over the lazy dog. " * 12, "pack my box with five dozen liquor jugs. " * 12]
-
-
 @pytest.fixture(scope="module")
 def tiny_llama_hh(tmp_path_factory):
     return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-hh"), intermediate_size=256)
-
-
-def _ids(vocab, shape=(2, 24), seed=1):
-    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 @pytest.mark.parametrize("k", [1, 3, 17, 64])
@@ -74,7 +62,7 @@ def test_bad_config(kwargs, match):
 def test_too_many_reflections_and_unsupported_architecture_are_refused(tiny_llama_hh, tmp_path):
     with pytest.raises(ValueError, match=r"reflections must be in \[1, d\] for every rotation; got 200"):
         AutoModelForCausalLM.from_pretrained(tiny_llama_hh, quantization_config=lowbit.HouseholderConfig(
-            reflections=200, calibration=CALIBRATION))
+            reflections=200, calibration=CALIBRATION_TEXTS))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=80)).save_pretrained(tmp_path)
@@ -84,7 +72,7 @@ def test_too_many_reflections_and_unsupported_architecture_are_refused(tiny_llam
 
 def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
     cfg = lowbit.HouseholderConfig(group_size=-1, steps=15, nsamples=4, cali_bsz=2, max_seq_len=64,
-                                   num_layers=2, calibration=CALIBRATION * 4)
+                                   num_layers=2, calibration=CALIBRATION_TEXTS * 4)
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
     report = []
     householder.quantize_model(model, cfg, report=report)
@@ -96,13 +84,13 @@ def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
 
 def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
     cfg = lowbit.HouseholderConfig(group_size=32, steps=4, nsamples=4, cali_bsz=2, max_seq_len=32,
-                                   calibration=CALIBRATION)
+                                   calibration=CALIBRATION_TEXTS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.bfloat16, quantization_config=cfg)
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(mods) == 7 * model.config.num_hidden_layers
     assert all(m.input_transform == "householder" and m.act_bits == 8 for m in mods)
-    ids = _ids(model.config.vocab_size)
-    logits = _logits(model, ids)
+    ids = random_ids(model.config.vocab_size)
+    logits = forward_logits(model, ids)
     out = tmp_path / "q"
     model.save_pretrained(out)
     torch.save(ids, tmp_path / "ids.pt")
@@ -132,25 +120,25 @@ def test_generate_pipeline_and_dequantize(tiny_llama_hh):
     from transformers import AutoTokenizer, pipeline
 
     cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, steps=2, nsamples=2, cali_bsz=2, max_seq_len=32,
-                                   calibration=CALIBRATION)
+                                   calibration=CALIBRATION_TEXTS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.float32, quantization_config=cfg)
-    out = model.generate(_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
+    out = model.generate(random_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 12)
     tok = AutoTokenizer.from_pretrained(tiny_llama_hh)
     text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
     assert text[0]["generated_text"].startswith("hello")
-    ids = _ids(model.config.vocab_size)
-    quantized = _logits(model, ids)  # a_bits=16: weights only, so dequantizing must not change the function
+    ids = random_ids(model.config.vocab_size)
+    quantized = forward_logits(model, ids)  # a_bits=16: weights only, so dequantizing must not change the function
     model.dequantize()
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
-    assert torch.allclose(_logits(model, ids), quantized, atol=1e-3 * quantized.abs().max().item())
+    assert torch.allclose(forward_logits(model, ids), quantized, atol=1e-3 * quantized.abs().max().item())
 
 
 def test_cli_householder_writes_the_tagged_folder(tiny_llama_hh, tmp_path, monkeypatch):
     from lowbit.cli import main
 
     calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(CALIBRATION))
+    calib.write_text("\n".join(CALIBRATION_TEXTS))
     monkeypatch.chdir(tmp_path)
     assert main(["quantize", "--method", "householder", "-q", "--src", str(tiny_llama_hh), "--group-size", "32",
                  "--steps", "1", "--nsamples", "2", "--cali-bsz", "2", "--calib-seqlen", "16",
@@ -166,8 +154,4 @@ def test_cli_householder_writes_the_tagged_folder(tiny_llama_hh, tmp_path, monke
     (["--method", "quarot", "--steps", "3"], "--steps cannot be used with --method quarot"),
 ])
 def test_cli_householder_bad_input_writes_nothing(tiny_llama_hh, tmp_path, capsys, args, match):
-    from lowbit.cli import main
-
-    assert main(["quantize", "-q", "--src", str(tiny_llama_hh), "--dst", str(tmp_path / "out"), *args]) == 2
-    assert re.search(match, capsys.readouterr().err)
-    assert list(tmp_path.iterdir()) == []
+    assert re.search(match, cli_refuses(tiny_llama_hh, tmp_path, capsys, args))

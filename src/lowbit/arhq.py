@@ -21,7 +21,7 @@ import logging
 import torch
 
 from . import calibration, integration, nvfp4, rotation
-from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
+from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
 from .modules import Nvfp4Linear
 
 logger = logging.getLogger(__name__)
@@ -220,25 +220,20 @@ def quantize_model(model, config: ArhqConfig) -> None:
             _quantize_linear(model, name, config.rank, None)
 
 
-class ArhqHfQuantizer(LowbitHfQuantizer):
-    """Quantize on load: the fp model loads as usual, then `quantize_model` transforms it.
-    Reload: the Nvfp4Linear structure is built on meta and the packed tensors load by name."""
+class ArhqHfQuantizer(AfterLoadHfQuantizer):
+    """Quantize on load: `quantize_model` smooths, decomposes and quantizes the loaded fp model.
+    Reload: the Nvfp4Linear modules from the config alone."""
 
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False
+    def target_names(self, model):
+        names = quantized_names(model, self.quantization_config)
+        check_model(model, self.quantization_config, names)
+        return names
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+    def replace_for_reload(self, model, names, checkpoint_files):
         cfg = self.quantization_config
-        names = quantized_names(model, cfg)
-        check_model(model, cfg, names)
-        if self.pre_quantized:
-            integration.replace_with_quant_linear(
-                model, names, self.dtype, with_placeholder=False, module_cls=Nvfp4Linear,
-                spec=lambda name, linear: {"rank": cfg.rank, "smooth": _keeps_smooth_scale(cfg, name)})
-            integration.verify_checkpoint(model, checkpoint_files)
-        return model
+        integration.replace_with_quant_linear(
+            model, names, self.dtype, with_placeholder=False, module_cls=Nvfp4Linear,
+            spec=lambda name, linear: {"rank": cfg.rank, "smooth": _keeps_smooth_scale(cfg, name)})
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
-            quantize_model(model, self.quantization_config)
-        return model
+    def quantize(self, model):
+        quantize_model(model, self.quantization_config)

@@ -122,3 +122,39 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return integration.dequantize_model(model, dtype or self.dtype)
+
+
+class AfterLoadHfQuantizer(LowbitHfQuantizer):
+    """Whole-model methods (QuaRot, ARHQ, Householder): the fp model loads as usual, then `quantize`
+    transforms it (rotating, calibrating layer by layer). Reload: `replace_for_reload` builds the final
+    structure on meta, the checkpoint is verified, the packed tensors load by name, `prepare_runtime`
+    finishes. Subclasses say which layers (`target_names`, which also checks the model) and how."""
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def target_names(self, model) -> list[str]:
+        raise NotImplementedError
+
+    def replace_for_reload(self, model, names, checkpoint_files) -> None:
+        raise NotImplementedError
+
+    def quantize(self, model) -> None:
+        raise NotImplementedError
+
+    def prepare_runtime(self, model) -> None:
+        integration.prepare_runtime(model)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        names = self.target_names(model)
+        if self.pre_quantized:
+            self.replace_for_reload(model, names, checkpoint_files)
+            integration.verify_checkpoint(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            self.prepare_runtime(model)
+        else:
+            self.quantize(model)
+        return model

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import calibration, hadamard, integration, reflections, rotation
-from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
+from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
 from .modules import QuantLinear
 from .quantize import quantize_rtn_ratio
 
@@ -84,15 +84,12 @@ def _group_of(name: str):
 
 def check_model(model, config: HouseholderConfig, names) -> None:
     rotation.check_architecture(model)
+    integration.check_group_size(model, names, config.group_size)
     for name in names:
-        linear = model.get_submodule(name)
-        if config.group_size != -1 and linear.in_features % config.group_size:
-            raise ValueError(f"group_size={config.group_size} does not divide {name}.in_features="
-                             f"{linear.in_features}; pick one that divides every quantized layer's input width, "
-                             f"or -1 (one group per output channel)")
-        if config.reflections is not None and _group_of(name) and config.reflections > linear.in_features:
+        d = model.get_submodule(name).in_features
+        if config.reflections is not None and _group_of(name) and config.reflections > d:
             raise ValueError(f"reflections must be in [1, d] for every rotation; got {config.reflections} for "
-                             f"{name} (d = {linear.in_features})")
+                             f"{name} (d = {d})")
 
 
 # ---------------------------------------------------------------- calibration data
@@ -350,34 +347,25 @@ def _checkpoint_reflections(checkpoint_files) -> dict:
     return {k[:-len(suffix)]: v["shape"][0] for k, v in header.items() if k.endswith(suffix)}
 
 
-class HouseholderHfQuantizer(LowbitHfQuantizer):
-    """Quantize on load: the fp model loads, then `quantize_model` optimizes and quantizes it layer by
-    layer. Reload: QuantLinear modules sized from the checkpoint's Householder vectors."""
+class HouseholderHfQuantizer(AfterLoadHfQuantizer):
+    """Quantize on load: `quantize_model` optimizes and quantizes the loaded fp model layer by layer.
+    Reload: QuantLinear modules sized from the checkpoint's Householder vectors."""
 
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False
+    def target_names(self, model):
+        names = integration.linears_to_quantize(model, self.quantization_config.modules_to_not_convert)
+        check_model(model, self.quantization_config, names)
+        return names
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        cfg = self.quantization_config
-        names = integration.linears_to_quantize(model, cfg.modules_to_not_convert)
-        check_model(model, cfg, names)
-        if self.pre_quantized:
-            ks = _checkpoint_reflections(checkpoint_files)
+    def replace_for_reload(self, model, names, checkpoint_files):
+        cfg, ks = self.quantization_config, _checkpoint_reflections(checkpoint_files)
 
-            def spec(name, linear):
-                k = ks.get(name, 0)
-                return {"bits": cfg.w_bits, "group_size": cfg.group_size_for(linear.in_features),
-                        "act_bits": cfg.a_bits, "input_transform": "householder" if k else None,
-                        "reflections": k, "learned_act_clip": bool(k) and cfg.a_bits < 16}
+        def spec(name, linear):
+            k = ks.get(name, 0)
+            return {"bits": cfg.w_bits, "group_size": cfg.group_size_for(linear.in_features),
+                    "act_bits": cfg.a_bits, "input_transform": "householder" if k else None,
+                    "reflections": k, "learned_act_clip": bool(k) and cfg.a_bits < 16}
 
-            integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
-            integration.verify_checkpoint(model, checkpoint_files)
-        return model
+        integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        if not self.pre_quantized:
-            quantize_model(model, self.quantization_config)
-        else:
-            integration.prepare_runtime(model)
-        return model
-
+    def quantize(self, model):
+        quantize_model(model, self.quantization_config)

@@ -34,6 +34,16 @@ def linears_to_quantize(model: nn.Module, modules_to_not_convert) -> list[str]:
     return names
 
 
+def check_group_size(model: nn.Module, names, group_size: int) -> None:
+    """Every named layer's input width must be a multiple of `group_size` (-1: one group per row)."""
+    for name in names:
+        in_features = model.get_submodule(name).in_features
+        if group_size != -1 and in_features % group_size:
+            raise ValueError(f"group_size={group_size} does not divide {name}.in_features={in_features}; pick a "
+                             f"group size that divides every quantized layer's input width, or group_size=-1 "
+                             f"(one group per output channel)")
+
+
 def replace_with_quant_linear(model: nn.Module, names, dtype: torch.dtype, with_placeholder: bool, spec,
                               module_cls=QuantLinear) -> None:
     """Swap the named nn.Linear modules for empty `module_cls` modules on the meta device.

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from . import calibration, hadamard, integration, kvcache, rotation
-from .base import LowbitConfig, LowbitHfQuantizer, check_calibration, check_choice
+from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
 from .modules import QuantLinear
 from .quantize import quantize_gptq
 
@@ -94,12 +94,7 @@ def linear_spec(config: QuaRotConfig, rotate: bool = True):
 def check_model(model, config: QuaRotConfig, names) -> None:
     """Everything about the model that would make QuaRot fail, checked before any work."""
     rotation.check_architecture(model)
-    for name in names:
-        linear = model.get_submodule(name)
-        if config.group_size != -1 and linear.in_features % config.group_size:
-            raise ValueError(f"group_size={config.group_size} does not divide {name}.in_features="
-                             f"{linear.in_features}; pick a group size that divides every quantized layer's "
-                             f"input width, or group_size=-1 (one group per output channel)")
+    integration.check_group_size(model, names, config.group_size)
 
 
 @torch.no_grad()
@@ -199,30 +194,24 @@ def prepare_runtime(model, config: QuaRotConfig, rotate_keys: bool = True) -> No
         kvcache.install(model, config.kv_bits, rotate_keys=rotate_keys)
 
 
-class QuaRotHfQuantizer(LowbitHfQuantizer):
-    """Quantize on load: the fp model loads as usual, then `quantize_model` rotates and quantizes it.
-    Reload: the final structure is built on meta and the packed tensors load by name."""
+class QuaRotHfQuantizer(AfterLoadHfQuantizer):
+    """Quantize on load: `quantize_model` rotates and quantizes the loaded fp model. Reload: the
+    QuantLinear modules from the config alone, then the kernel layouts and the KV cache hook."""
 
-    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        return False
+    def target_names(self, model):
+        names = integration.linears_to_quantize(model, self.quantization_config.modules_to_not_convert)
+        check_model(model, self.quantization_config, names)
+        return names
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        cfg = self.quantization_config
-        names = integration.linears_to_quantize(model, cfg.modules_to_not_convert)
-        check_model(model, cfg, names)
-        if self.pre_quantized:
-            integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False,
-                                                  spec=linear_spec(cfg))
-            integration.verify_checkpoint(model, checkpoint_files)
-        return model
+    def replace_for_reload(self, model, names, checkpoint_files):
+        integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False,
+                                              spec=linear_spec(self.quantization_config))
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        cfg = self.quantization_config
-        if not self.pre_quantized:
-            quantize_model(model, cfg)
-        else:
-            prepare_runtime(model, cfg)
-        return model
+    def quantize(self, model):
+        quantize_model(model, self.quantization_config)
+
+    def prepare_runtime(self, model):
+        prepare_runtime(model, self.quantization_config)
 
     def _dequantize(self, model, dtype=None):
         kvcache.uninstall(model)
