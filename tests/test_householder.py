@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit import hadamard, householder, reflections
-from lowbit.modules import QuantLinear
+from lowbit.modules import HouseholderRotation, QuantLinear, RotatedNorm
 
 @pytest.fixture(scope="module")
 def tiny_llama_hh(tmp_path_factory):
@@ -79,21 +79,34 @@ def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
     for row in report[:2]:
         assert row["mse_opt"] < row["mse_init"] < row["mse_none"], row
     assert all(r["mse_opt"] == r["mse_init"] for r in report[2:])  # beyond num_layers: the PCA init
-    assert all(torch.isfinite(m.householder_vectors).all() for m in model.modules() if isinstance(m, QuantLinear))
+    rotations = [m for m in model.modules() if isinstance(m, HouseholderRotation)]
+    assert len(rotations) == 4 * model.config.num_hidden_layers
+    assert all(torch.isfinite(m.householder_vectors).all() for m in rotations)
 
 
 def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
     cfg = lowbit.HouseholderConfig(group_size=32, steps=4, nsamples=4, cali_bsz=2, max_seq_len=32,
                                    calibration=CALIBRATION_TEXTS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.bfloat16, quantization_config=cfg)
-    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert len(mods) == 7 * model.config.num_hidden_layers
-    assert all(m.input_transform == "householder" and m.act_bits == 8 for m in mods)
+    assert all(m.act_bits == 8 and m.act_clip_ratio is not None for m in mods.values())
+    # o_proj and down_proj rotate their own input; q/k/v and gate/up share the rotation after their norm
+    assert {n for n, m in mods.items() if m.input_transform == "householder"} == {
+        n for n in mods if n.endswith(("o_proj", "down_proj"))}
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, RotatedNorm) and isinstance(layer.post_attention_layernorm, RotatedNorm)
     ids = random_ids(model.config.vocab_size)
     logits = forward_logits(model, ids)
     out = tmp_path / "q"
     model.save_pretrained(out)
     torch.save(ids, tmp_path / "ids.pt")
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:  # each rotation stored once, in the compute dtype
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("householder_vectors")}
+    assert len(stored) == 4 * model.config.num_hidden_layers and set(stored.values()) == {"BF16"}
+    assert "model.layers.0.input_layernorm.rotation.householder_vectors" in stored
     res = run_python(f"""
 import json, torch
 from transformers import AutoModelForCausalLM
@@ -101,11 +114,19 @@ m = AutoModelForCausalLM.from_pretrained({str(out)!r})
 ids = torch.load({str(tmp_path / 'ids.pt')!r})
 with torch.no_grad():
     torch.save(m(ids).logits.float(), {str(tmp_path / 'reloaded.pt')!r})
-q = m.model.layers[0].self_attn.q_proj
-print(json.dumps({{"cls": type(q).__name__, "k": q.householder_vectors.shape[0]}}))
+layer = m.model.layers[0]
+print(json.dumps({{"cls": type(layer.self_attn.q_proj).__name__, "k": layer.input_layernorm.rotation.householder_vectors.shape[0]}}))
 """)
-    assert res["cls"] == "QuantLinear" and res["k"] == model.model.layers[0].self_attn.q_proj.householder_vectors.shape[0]
+    assert res["cls"] == "QuantLinear" and res["k"] == layer.input_layernorm.rotation.householder_vectors.shape[0]
     assert torch.equal(torch.load(tmp_path / "reloaded.pt"), logits)
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    del tensors["model.layers.1.post_attention_layernorm.rotation.householder_vectors"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.post_attention_layernorm\.rotation"):
+        AutoModelForCausalLM.from_pretrained(out)
 
 
 def test_model_generated_calibration_is_said_so(tiny_llama_hh, caplog):

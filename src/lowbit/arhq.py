@@ -4,7 +4,10 @@ its input, in NVFP4; SVDQuant (Li et al., 2024) as the baseline decomposition.
 SVDQuant takes L as the best rank-r approximation of W. ARHQ chooses L for the error that activation
 quantization pushes through the layer: with E_x = X − Q_x(X) and G = E_xᵀE_x / N (the activation residual
 Hessian), the branch minimises ‖E_x (W − L)ᵀ‖_F over rank(L) ≤ r. Writing G = G^{1/2}·G^{1/2}, that is
-the truncated SVD of W·G^{1/2}, mapped back by G^{-1/2} (G damped so that its inverse root is tame).
+the truncated SVD of W·G^{1/2}, mapped back by G^{-1/2}. G is damped by WEIGHT_NOISE·diag(XᵀX)/N: the
+residual W − L is itself rounded to NVFP4 (about 1% of its energy, ~20 dB), and that error reaches the
+output through XᵀX. The term keeps G well conditioned where E_x is flat and weighs each input channel
+by how much signal it carries.
 
 Optional SmoothQuant-style smoothing (per input channel s_j = max|X_j|^α / max|W_j|^(1−α)) runs first
 and both decompositions see the smoothed layer. It is folded into the preceding RMSNorm for q/k/v and
@@ -27,7 +30,7 @@ from .modules import Nvfp4Linear
 logger = logging.getLogger(__name__)
 
 DECOMPOSITIONS = ("arhq", "svdquant")
-DAMP = 0.01  # G + DAMP·mean(diag G)·I, as GPTQ damps its Hessian
+WEIGHT_NOISE = 0.01  # NVFP4's relative rounding energy on the residual weights (the damping of G)
 CALIBRATION_BATCH = 2
 
 
@@ -97,10 +100,8 @@ def _keeps_smooth_scale(config: ArhqConfig, name: str) -> bool:
 def hessian_roots(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(G^{1/2}, G^{-1/2}) of the damped G, in float32 (the damping keeps its condition number within
     what float32 resolves; float64 would cost minutes per layer at Qwen2.5-0.5B's width 4864)."""
-    g = hessian.float()
-    g = g + DAMP * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    e, v = torch.linalg.eigh(g)
-    e = e.clamp_min(e.max() * 1e-7)  # eigh's own rounding can leave a damped eigenvalue a hair off
+    e, v = torch.linalg.eigh(hessian.float())
+    e = e.clamp_min(e.max().clamp_min(1e-30) * 1e-7)  # channels that never fire, and eigh's own rounding
     return (v * e.sqrt()) @ v.T, (v * e.rsqrt()) @ v.T
 
 
@@ -118,16 +119,21 @@ def low_rank_branch(weight: torch.Tensor, rank: int, roots: tuple | None = None)
 
 
 def arhq_objective(weight: torch.Tensor, branch, x: torch.Tensor) -> float:
-    """‖E_x (W − L)ᵀ‖_F² / N for the inputs `x` [N, in]: what ARHQ minimises."""
+    """(‖E_x Rᵀ‖_F² + WEIGHT_NOISE·Σ_j ‖X_j‖²·‖R_j‖²) / N for the inputs `x` [N, in] and the residual
+    R = W − L: what ARHQ minimises (the activation error, and the residual's own rounding)."""
     e = (x - nvfp4.fake_quantize_per_token(x)).double()
     residual = weight.double() - (branch[0].double() @ branch[1].double() if branch else 0)
-    return float((e @ residual.T).pow(2).sum() / x.shape[0])
+    weight_noise = WEIGHT_NOISE * (x.double().pow(2).sum(0) * residual.pow(2).sum(0)).sum()
+    return float(((e @ residual.T).pow(2).sum() + weight_noise) / x.shape[0])
 
 
 def activation_residual_hessian(x: torch.Tensor) -> torch.Tensor:
-    """E_xᵀE_x (summed, float32) for the inputs x [N, in]."""
-    e = (x.float() - nvfp4.fake_quantize_per_token(x.float()))
-    return e.T @ e
+    """E_xᵀE_x + WEIGHT_NOISE·diag(XᵀX) (summed over tokens, float32) for the inputs x [N, in]."""
+    x = x.float()
+    e = x - nvfp4.fake_quantize_per_token(x)
+    g = e.T @ e
+    g.diagonal().add_(WEIGHT_NOISE * x.pow(2).sum(0))
+    return g
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights, alpha: float) -> torch.Tensor:

@@ -99,12 +99,16 @@ def decode_speed(model, prompt_len: int = 16, new_tokens: int = 64, batch_size: 
 
 
 def weight_bytes(model) -> dict:
-    """In-memory bytes of all weights, and bits per weight of the quantized linears."""
+    """In-memory bytes of all weights, and bits per weight of the quantized linears (with what they need
+    beside their codes: scales, low-rank branches, rotations, also a rotation stored in the norm before them)."""
     from .integration import quant_linears
+    from .modules import RotatedNorm
 
     total = model.get_memory_footprint()
     q = quant_linears(model)
     packed = sum(t.numel() * t.element_size() for _, m in q for k, t in m.state_dict().items() if k != "bias")
+    packed += sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, RotatedNorm)
+                  for t in m.rotation.state_dict().values())
     numel = sum(m.in_features * m.out_features for _, m in q)
     return {"memory_bytes": total, "quantized_linears": len(q),
             "bits_per_weight": 8 * packed / numel if numel else 16.0}

@@ -9,10 +9,12 @@ the MSE between the fp layer's output and the rotated, quantized layer's output 
 vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
 The next layer is calibrated on what the quantized layer outputs.
 
-Inference: W' = W·Qᵀ is quantized into a QuantLinear whose input transform applies Q as k rank-1
-updates at run time (no rotation folds into an RMSNorm, through attention or through the gated MLP),
-with the learned activation clip ratio. The checkpoint holds the packed weights, the Householder
-vectors and the ratios; reload sizes each module's vectors from the checkpoint header.
+Inference: W' = W·Qᵀ is quantized into a QuantLinear, and Q is applied to the input at run time as k
+rank-1 updates (no rotation folds into an RMSNorm, through attention or through the gated MLP). The
+shared rotations of q/k/v and gate/up run once, right after the norm that feeds the group (`RotatedNorm`);
+o_proj and down_proj carry their own (`QuantLinear(input_transform="householder")`). The checkpoint holds
+the packed weights, each rotation's vectors once, in the compute dtype, and the learned clip ratios;
+reload sizes each rotation from the checkpoint header.
 """
 import logging
 import math
@@ -23,13 +25,14 @@ from torch import nn
 
 from . import calibration, hadamard, integration, reflections, rotation
 from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
-from .modules import QuantLinear
+from .modules import HouseholderRotation, QuantLinear, RotatedNorm
 from .quantize import quantize_rtn_ratio
 
 logger = logging.getLogger(__name__)
 
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
           "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+NORM_OF_GROUP = {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm"}  # rotation stored there
 GROUP_SIZES = (32, 64, 128, -1)
 INIT_CLIP_LOGIT = 5.0  # sigmoid(5) = 0.993: start from (almost) the unclipped range
 GENERATED_SOURCE = "text sampled from the model itself (no calibration data reachable)"
@@ -80,6 +83,12 @@ class HouseholderConfig(LowbitConfig):
 
 def _group_of(name: str):
     return next((g for g, members in GROUPS.items() if name.endswith(members)), None)
+
+
+def _norm_name(name: str, group: str) -> str:
+    """The norm feeding the linear `name` of a shared-rotation group (where that rotation is stored)."""
+    member = next(m for m in GROUPS[group] if name.endswith(m))
+    return name[:-len(member)] + NORM_OF_GROUP[group]
 
 
 def check_model(model, config: HouseholderConfig, names) -> None:
@@ -274,30 +283,33 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
         mse_opt = mse_init
     _swap(layer, original)
     layer.to(dtype)
-    parts = {n: {"vectors": trained[n].rot.vectors.detach().clone(),
-                 "act_clip": torch.sigmoid(trained[n].rot.act_clip_logit).detach().clone(),
-                 "weight_clip": torch.sigmoid(trained[n].weight_clip_logit).detach().clone()} for n in names}
-    return {"parts": parts, "mse_none": mse_none, "mse_init": mse_init, "mse_opt": mse_opt, "fell_back": fell_back,
+    return {"rotations": {g: r.vectors.detach().clone() for g, r in rots.items()},
+            "act_clip": {g: torch.sigmoid(r.act_clip_logit).detach().clone() for g, r in rots.items()},
+            "weight_clip": {n: torch.sigmoid(m.weight_clip_logit).detach().clone() for n, m in trained.items()},
+            "mse_none": mse_none, "mse_init": mse_init, "mse_opt": mse_opt, "fell_back": fell_back,
             "reflections": {g: r.vectors.shape[0] for g, r in rots.items()}}
 
 
-def quantized_module(linear: nn.Linear, parts: dict | None, config: HouseholderConfig) -> QuantLinear:
-    """The QuantLinear of `linear` with its learned rotation and clipping (`parts`), or plain RTN."""
+def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: HouseholderRotation | None = None,
+                     act_clip=None, weight_clip=None, owns_rotation: bool = True) -> QuantLinear:
+    """The QuantLinear of `linear` behind `rotation` with its learned clipping, or plain RTN (no rotation).
+    `owns_rotation` False: the rotation runs before the module (in a RotatedNorm), only folded here."""
     gs = config.group_size_for(linear.in_features)
-    if parts is None:
+    if rotation is None:
         return QuantLinear.from_linear(linear, config.w_bits, gs, solver="rtn_clip", act_bits=config.a_bits)
-    vectors, learned = parts["vectors"], config.a_bits < 16
+    learned = config.a_bits < 16
+    k = rotation.householder_vectors.shape[0] if owns_rotation else 0
     module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.w_bits, gs,
                          dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.a_bits,
-                         input_transform="householder", reflections=vectors.shape[0], learned_act_clip=learned)
-    ratio = parts["weight_clip"]
-    rotated = reflections.apply(linear.weight.detach().float(), vectors)  # W·Qᵀ, row by row
-    solve = lambda w, bits, group_size, dtype: quantize_rtn_ratio(w, bits, group_size, ratio, dtype)  # noqa: E731
+                         input_transform="householder" if k else None, reflections=k, learned_act_clip=learned)
+    rotated = reflections.apply(linear.weight.detach().float(), rotation.householder_vectors.float())  # W·Qᵀ
+    solve = lambda w, bits, group_size, dtype: quantize_rtn_ratio(w, bits, group_size, weight_clip, dtype)  # noqa: E731
     for name, tensor in module.quantized_tensors(rotated, solve).items():
         setattr(module, name, tensor)
-    module.householder_vectors.copy_(vectors)
+    if k:
+        module.rotation = rotation
     if learned:
-        module.act_clip_ratio.copy_(parts["act_clip"])
+        module.act_clip_ratio.copy_(act_clip)
     if linear.bias is not None:
         module.bias.data = linear.bias.data.clone()
     return module.prepare_runtime()
@@ -311,11 +323,43 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
     start = time.perf_counter()
     with torch.enable_grad():
         res = optimize_layer(layer, inputs, config, steps, mine, progress)
+    dtype = layer.input_layernorm.weight.dtype
+    rotations = {}
+    for group, vectors in res["rotations"].items():
+        rotations[group] = HouseholderRotation(*vectors.shape, dtype=dtype, device=vectors.device)
+        rotations[group].householder_vectors.copy_(vectors)  # rounded to the storage dtype before folding
     for rel in mine:
-        integration.set_module(layer, rel, quantized_module(layer.get_submodule(rel), res["parts"][rel], config))
+        group = _group_of(rel)
+        integration.set_module(layer, rel, quantized_module(
+            layer.get_submodule(rel), config, rotations[group], res["act_clip"][group], res["weight_clip"][rel],
+            owns_rotation=group not in NORM_OF_GROUP))
+    for group, norm in NORM_OF_GROUP.items():
+        if group not in rotations:
+            continue
+        for rel in GROUPS[group]:  # a reader the config keeps in fp still sees the rotated norm output
+            linear = layer.get_submodule(rel)
+            if not isinstance(linear, QuantLinear):
+                linear.weight.data = reflections.apply(linear.weight.data.float(), rotations[group].householder_vectors
+                                                       .float()).to(linear.weight.dtype)
+        integration.set_module(layer, norm, RotatedNorm(layer.get_submodule(norm), rotations[group]))
     integration.malloc_trim()()
     return {"layer": index, "steps": steps, "seconds": time.perf_counter() - start,
-            **{k: v for k, v in res.items() if k != "parts"}}
+            **{k: v for k, v in res.items() if k not in ("rotations", "act_clip", "weight_clip")}}
+
+
+def unrotate(model) -> None:
+    """Undo what `quantize_layer` did to the norms, once the linears are plain again (dequantize): the
+    shared rotation folded back out of the readers' weights, the bare norm in place of the RotatedNorm."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, RotatedNorm):
+            continue
+        layer_name, _, norm = name.rpartition(".")
+        layer = model.get_submodule(layer_name)
+        group = next(g for g, n in NORM_OF_GROUP.items() if n == norm)
+        for rel in GROUPS[group]:
+            linear = layer.get_submodule(rel)
+            linear.weight.data = module.rotation.inverse(linear.weight.data)
+        integration.set_module(model, name, module.norm)
 
 
 @torch.no_grad()
@@ -333,23 +377,23 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None)
             report.append(row)
     for name in names:  # outside the rotated groups (a head the user chose to quantize): RTN, no rotation
         if not isinstance(model.get_submodule(name), QuantLinear):
-            integration.set_module(model, name, quantized_module(model.get_submodule(name), None, config))
+            integration.set_module(model, name, quantized_module(model.get_submodule(name), config))
     integration.prepare_runtime(model)
 
 
-def _checkpoint_reflections(checkpoint_files) -> dict:
-    """{module name: k} from the shapes of the stored Householder vectors."""
+def _checkpoint_rotations(checkpoint_files) -> dict:
+    """{name of the module holding a rotation (a linear or a norm): k} from the checkpoint header."""
     header = {}
     for f in checkpoint_files or []:
         if str(f).endswith(".safetensors"):
             header.update(integration._safetensors_header(str(f)))
-    suffix = ".householder_vectors"
+    suffix = ".rotation.householder_vectors"
     return {k[:-len(suffix)]: v["shape"][0] for k, v in header.items() if k.endswith(suffix)}
 
 
 class HouseholderHfQuantizer(AfterLoadHfQuantizer):
     """Quantize on load: `quantize_model` optimizes and quantizes the loaded fp model layer by layer.
-    Reload: QuantLinear modules sized from the checkpoint's Householder vectors."""
+    Reload: RotatedNorm and QuantLinear modules sized from the checkpoint's Householder vectors."""
 
     def target_names(self, model):
         names = integration.linears_to_quantize(model, self.quantization_config.modules_to_not_convert)
@@ -357,15 +401,31 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
         return names
 
     def replace_for_reload(self, model, names, checkpoint_files):
-        cfg, ks = self.quantization_config, _checkpoint_reflections(checkpoint_files)
+        cfg, ks = self.quantization_config, _checkpoint_rotations(checkpoint_files)
 
         def spec(name, linear):
-            k = ks.get(name, 0)
+            group = _group_of(name)
+            holder = None if group is None else _norm_name(name, group) if group in NORM_OF_GROUP else name
+            if holder is not None and holder not in ks:  # every targeted group was given a rotation
+                raise ValueError(f"lowbit checkpoint is missing tensor '{holder}.rotation.householder_vectors': "
+                                 f"the checkpoint is incomplete or was tampered with")
+            k = ks[name] if holder == name else 0
             return {"bits": cfg.w_bits, "group_size": cfg.group_size_for(linear.in_features),
                     "act_bits": cfg.a_bits, "input_transform": "householder" if k else None,
-                    "reflections": k, "learned_act_clip": bool(k) and cfg.a_bits < 16}
+                    "reflections": k, "learned_act_clip": holder is not None and cfg.a_bits < 16}
 
         integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
+        for name, k in ks.items():
+            norm = model.get_submodule(name)
+            if not isinstance(norm, QuantLinear):
+                width = norm.weight.shape[0]
+                rotation = HouseholderRotation(k, width, dtype=self.dtype, device=norm.weight.device)
+                integration.set_module(model, name, RotatedNorm(norm, rotation))
 
     def quantize(self, model):
         quantize_model(model, self.quantization_config)
+
+    def _dequantize(self, model, dtype=None):
+        integration.dequantize_model(model, dtype or self.dtype)
+        unrotate(model)
+        return model

@@ -12,8 +12,8 @@ halves run as two int4 matmuls, since (q − 128)·s + o = (h − 8)·16s + (o +
 Rotation methods switch on two more parts (config, not state: reload rebuilds them from the config):
 - `input_transform="hadamard"`: x ← x·H over the input features at run time (QuaRot's down_proj,
   whose weight already holds W·H);
-- `input_transform="householder"`: x ← Q·x with Q = H_k…H_1 from the persistent buffer
-  `householder_vectors` [k, in] (float32), applied as k rank-1 updates (the weight holds W·Qᵀ);
+- `input_transform="householder"`: x ← Q·x by the submodule `rotation` (a `HouseholderRotation`,
+  whose vectors the checkpoint holds; the weight holds W·Qᵀ);
 - `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
   (learned, Householder) instead of ACT_CLIP[act_bits];
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped to ACT_CLIP[act_bits] of its range)
@@ -64,12 +64,10 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.bias = None
-        f32 = {"dtype": torch.float32, "device": device}  # not the loader's default dtype
-        self.register_buffer("householder_vectors", torch.empty(reflections, in_features, **f32) if reflections else None)
-        self.register_buffer("act_clip_ratio", torch.empty((), **f32) if learned_act_clip else None)
-        # runtime only: the WY factors of the reflections, computed once (`reflections.wy_factors`)
-        self.register_buffer("householder_unit", None, persistent=False)
-        self.register_buffer("householder_triangle", None, persistent=False)
+        self.rotation = HouseholderRotation(reflections, in_features, dtype, device) if reflections else None
+        # float32, not the loader's default dtype
+        self.register_buffer("act_clip_ratio", torch.empty((), dtype=torch.float32, device=device)
+                             if learned_act_clip else None)
         self.layout = "packed"  # "int4_cpu" / "int8_groups" once prepare_runtime() ran
         # 8 bits on the int4 kernel: the scale_offset tables of the high and low halves (runtime only)
         self.register_buffer("nibble_scale_offsets", None, persistent=False)
@@ -153,10 +151,7 @@ class QuantLinear(nn.Module):
         if self.input_transform == "hadamard":
             x = hadamard_transform(x.float()).to(x.dtype)
         elif self.input_transform == "householder":
-            if self.householder_unit is None:
-                self.householder_unit, self.householder_triangle = reflections.wy_factors(self.householder_vectors)
-            factors = (self.householder_unit, self.householder_triangle)
-            x = reflections.apply(x.float(), self.householder_vectors, factors=factors).to(x.dtype)
+            x = self.rotation(x)
         if self.act_bits < 16:
             return self._integer_forward(x)
         if self.layout == "int4_cpu":
@@ -203,8 +198,50 @@ class QuantLinear(nn.Module):
         if self.input_transform == "hadamard":
             return hadamard_transform(w, inverse=True)
         if self.input_transform == "householder":
-            return reflections.apply(w, self.householder_vectors.to(w.dtype), inverse=True)
+            return self.rotation.inverse(w)
         return w
+
+
+class HouseholderRotation(nn.Module):
+    """x ← Q·x over the last dimension, Q = H_k…H_1 applied as k rank-1 updates (`reflections.apply`).
+
+    Persistent buffer: `householder_vectors` [k, d] in the compute dtype (Q is orthogonal for any vectors,
+    so rounding them changes which rotation is stored, never its orthogonality: the weights it precedes
+    are folded with the rounded vectors). The WY factors are computed once, in float32, at first use."""
+
+    def __init__(self, reflections: int, features: int, dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.register_buffer("householder_vectors", torch.empty(reflections, features, dtype=dtype, device=device))
+        self._wy = None  # ((vectors, their version), factors): not a buffer, so .to(dtype) leaves it float32
+
+    def _factors(self):
+        v = self.householder_vectors
+        if self._wy is None or self._wy[0][0] is not v or self._wy[0][1] != v._version:
+            self._wy = ((v, v._version), reflections.wy_factors(v.float()))
+        return self._wy[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.householder_vectors
+        return reflections.apply(x.float(), v, factors=self._factors()).to(x.dtype)
+
+    def inverse(self, w: torch.Tensor) -> torch.Tensor:
+        """Qᵀ·w over the last dimension: W from a folded W·Qᵀ."""
+        return reflections.apply(w.float(), self.householder_vectors.float(), inverse=True).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"reflections={self.householder_vectors.shape[0]}, features={self.householder_vectors.shape[1]}"
+
+
+class RotatedNorm(nn.Module):
+    """A norm followed by the rotation that every linear reading its output shares (Householder's
+    q/k/v and gate/up): the rotation runs and is stored once for the group."""
+
+    def __init__(self, norm: nn.Module, rotation: HouseholderRotation):
+        super().__init__()
+        self.norm, self.rotation = norm, rotation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation(self.norm(x))
 
 
 class Nvfp4Linear(nn.Module):
