@@ -136,14 +136,14 @@ def pca_reflections(covariance: torch.Tensor, pca_variance: float, k: int | None
     """Vectors [k, d] of the reflections mapping the top-k principal axes of the (uncentred) input
     covariance [d, d] onto the first k columns of the normalised Hadamard matrix of order d (flat
     directions); k = the fewest axes explaining `pca_variance` of the variance unless given."""
-    values, axes = torch.linalg.eigh(covariance.double())
+    values, axes = torch.linalg.eigh(covariance.float())  # float32: principal axes, not a solve
     values, axes = values.flip(0).clamp_min(0), axes.flip(1)
     d = axes.shape[0]
     if k is None:
         share = values.cumsum(0) / values.sum().clamp_min(1e-30)
         k = int((share < pca_variance - 1e-12).sum()) + 1
     k = min(k, d)
-    return reflections.mapping(axes[:, :k], hadamard.hadamard_matrix(d, torch.float64)[:, :k]).float()
+    return reflections.mapping(axes[:, :k].double(), hadamard.hadamard_matrix(d, torch.float64)[:, :k]).float()
 
 
 # ---------------------------------------------------------------- differentiable quantizers

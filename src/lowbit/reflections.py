@@ -39,11 +39,17 @@ def matrix(vectors: torch.Tensor) -> torch.Tensor:
 def mapping(sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Vectors [k, d] of reflections with Q·s_i = ±t_i for the orthonormal columns s_i, t_i of
     `sources`, `targets` [d, k]. Step i maps H_{i−1}…H_1·s_i onto t_i with v ⊥ t_1..t_{i−1}, so earlier
-    columns stay in place; the sign of t_i is the one farther from the current vector (a stable v)."""
+    columns stay in place; the sign of t_i is the one farther from the current vector (a stable v, with
+    ‖v‖² ≥ 2). Each new reflection is applied to the columns still to come, as Householder QR does:
+    O(d·k²) in all (Qwen2.5-0.5B's down_proj, d = 4864, k ≈ 1000: seconds, not minutes)."""
     d, k = sources.shape
     vectors = torch.zeros(k, d, dtype=sources.dtype, device=sources.device)
+    rest = sources.clone()  # column j: H_{i}…H_1·s_j once step i is done
     for i in range(k):
-        a = apply(sources[:, i], vectors[:i])
+        a = rest[:, i]
         t = targets[:, i] * (-1.0 if float(a @ targets[:, i]) > 0 else 1.0)
-        vectors[i] = a - t
+        v = a - t
+        vectors[i] = v
+        tail = rest[:, i + 1:]
+        tail -= torch.outer(v, (2 / (v @ v)) * (v @ tail))
     return vectors
