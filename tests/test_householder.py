@@ -8,7 +8,7 @@ from conftest import CALIBRATION_TEXTS, build_tiny, cli_refuses, forward_logits,
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit import hadamard, householder, reflections
+from lowbit import evaluate, hadamard, householder, reflections
 from lowbit.modules import HouseholderRotation, QuantLinear, RotatedNorm
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,11 @@ def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
         stored = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("householder_vectors")}
     assert len(stored) == 4 * model.config.num_hidden_layers and set(stored.values()) == {"BF16"}
     assert "model.layers.0.input_layernorm.rotation.householder_vectors" in stored
+    with safe_open(out / "model.safetensors", "pt") as f:  # bits per weight count what the file holds for them
+        held = sum(f.get_tensor(k).nbytes for k in f.keys() if k.endswith("householder_vectors") or (
+            k.rpartition(".")[0] in mods and not k.endswith(".bias")))
+    numel = sum(m.in_features * m.out_features for m in mods.values())
+    assert evaluate.weight_bytes(model)["bits_per_weight"] == pytest.approx(8 * held / numel)
     res = run_python(f"""
 import json, torch
 from transformers import AutoModelForCausalLM
