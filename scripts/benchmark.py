@@ -26,6 +26,7 @@ QuaRot RTN, QuaRot GPTQ and Householder):
   arhq-r128[-sq]        lowbit.ArhqConfig(rank=128) [with smoothing] (calibration as for GPTQ)
   hh-w4a8               lowbit.HouseholderConfig(w_bits=4, a_bits=8, group_size=--quarot-group), --hh-steps
                         Adam steps per layer on --hh-nsamples x --hh-seqlen calibration tokens
+  hh-w4a8-gptq          the same, GPTQ onto the learned grid (weight_quantizer="gptq")
 QuaRot's bits can also be given as quarot-wWaAkvK-rtn|gptq (e.g. quarot-w4a8kv16-rtn: no KV quantization).
 QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
 The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
@@ -68,10 +69,11 @@ def parse_method(spec: str, smoothing: float = 0.5):
         return parts[0], 4, 16, {"rank": int(rank), "decomposition": "arhq" if parts[0] == "arhq" else "svdquant",
                                  "smoothing": smoothing if parts[2:] else None}
     if parts[0] == "hh":
-        m = re.fullmatch(r"w(\d+)a(\d+)", parts[1]) if len(parts) == 2 else None
-        if not m:
-            raise ValueError(f"--methods: unknown Householder method {spec!r}; use hh-wWaA, e.g. hh-w4a8")
-        return "hh", int(m[1]), None, {"w_bits": int(m[1]), "a_bits": int(m[2])}
+        m = re.fullmatch(r"w(\d+)a(\d+)", parts[1]) if len(parts) > 1 else None
+        if not m or parts[2:] not in ([], ["gptq"]):
+            raise ValueError(f"--methods: unknown Householder method {spec!r}; use hh-wWaA[-gptq], e.g. hh-w4a8")
+        return "hh", int(m[1]), None, {"w_bits": int(m[1]), "a_bits": int(m[2]),
+                                       "weight_quantizer": "gptq" if parts[2:] else "rtn"}
     if parts[0] in ("quarot", "norot"):
         m = re.fullmatch(r"w(\d+)a(\d+)kv(\d+)", parts[1]) if len(parts) > 1 else None
         ok = (m and len(parts) in (3, 4) and parts[2] in ("rtn", "gptq")

@@ -181,3 +181,23 @@ def test_cli_householder_writes_the_tagged_folder(tiny_llama_hh, tmp_path, monke
 ])
 def test_cli_householder_bad_input_writes_nothing(tiny_llama_hh, tmp_path, capsys, args, match):
     assert re.search(match, cli_refuses(tiny_llama_hh, tmp_path, capsys, args))
+
+
+def test_gptq_onto_the_learned_grid_lowers_the_output_error():
+    g = torch.Generator().manual_seed(3)
+    d, out, n = 64, 48, 512
+    x = torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)  # correlated inputs: GPTQ has work to do
+    linear = torch.nn.Linear(d, out, bias=False)
+    linear.weight.data = torch.randn(out, d, generator=g)
+    rotation = HouseholderRotation(5, d, dtype=torch.float32)
+    rotation.householder_vectors.copy_(torch.randn(5, d, generator=g))
+    ratio = torch.full((out,), 0.9)
+    made = {}
+    for wq in ("rtn", "gptq"):
+        cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, weight_quantizer=wq)
+        made[wq] = householder.quantized_module(linear, cfg, rotation, weight_clip=ratio, covariance=x.T @ x)
+    assert torch.equal(made["rtn"].scale_offset, made["gptq"].scale_offset)  # the same learned grid
+    err = {k: (m(x) - linear(x)).pow(2).mean().item() for k, m in made.items()}
+    assert err["gptq"] < 0.8 * err["rtn"], err
+    with pytest.raises(ValueError, match="weight_quantizer must be one of"):
+        lowbit.HouseholderConfig(weight_quantizer="awq")

@@ -11,7 +11,7 @@ METHOD_FLAGS = {
     "bits": ("--bits", ("hqq", "quarot", "householder")),
     "group_size": ("--group-size", ("hqq", "quarot", "householder")),
     "acts_bits": ("--acts-bits", ("quarot", "householder")), "kv_bits": ("--kv-bits", ("quarot",)),
-    "rotation": ("--rotation", ("quarot",)), "weight_quantizer": ("--weight-quantizer", ("quarot",)),
+    "rotation": ("--rotation", ("quarot",)), "weight_quantizer": ("--weight-quantizer", ("quarot", "householder")),
     "rank": ("--rank", ("arhq",)), "decomposition": ("--decomposition", ("arhq",)),
     "smoothing": ("--smoothing", ("arhq",)),
     "reflections": ("--reflections", ("householder",)), "pca_variance": ("--pca-variance", ("householder",)),
@@ -39,12 +39,13 @@ def _build_parser() -> argparse.ArgumentParser:
     qr.add_argument("--acts-bits", type=int, help="activation bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--kv-bits", type=int, help="KV cache bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--rotation", help="hadamard (default) or pca (needs --calib)")
-    qr.add_argument("--weight-quantizer", help="rtn (default, clipping search) or gptq (needs --calib)")
+    qr.add_argument("--weight-quantizer", help="rtn (default; quarot: clipping search, householder: the learned "
+                    "clipping) or gptq (quarot: needs --calib)")
     qa = q.add_argument_group("arhq")
     qa.add_argument("--rank", type=int, help="rank of the low-rank branch, 0 = plain NVFP4 (default 128)")
     qa.add_argument("--decomposition", help="arhq (default, needs --calib) or svdquant")
     qa.add_argument("--smoothing", type=float, help="SmoothQuant migration strength alpha in [0, 1] (needs --calib)")
-    qh = q.add_argument_group("householder (also --bits, --acts-bits, --group-size)")
+    qh = q.add_argument_group("householder (also --bits, --acts-bits, --group-size, --weight-quantizer)")
     qh.add_argument("--reflections", type=int, help="reflections per rotation (default: from --pca-variance)")
     qh.add_argument("--pca-variance", type=float, help="share of variance the PCA init covers (default 0.95)")
     qh.add_argument("--steps", type=int, help="Adam steps per decoder layer (default 100)")
@@ -99,7 +100,8 @@ def _config(args):
     if args.method == "householder":
         from .householder import HouseholderConfig
 
-        given = {"a_bits": args.acts_bits, "reflections": args.reflections, "pca_variance": args.pca_variance,
+        given = {"a_bits": args.acts_bits, "weight_quantizer": args.weight_quantizer,
+                 "reflections": args.reflections, "pca_variance": args.pca_variance,
                  "steps": args.steps, "lr": args.lr, "cali_bsz": args.cali_bsz, "num_layers": args.num_layers,
                  "calibration": args.calib, "nsamples": args.nsamples, "max_seq_len": args.calib_seqlen}
         return HouseholderConfig(w_bits=bits, group_size=group_size, seed=args.seed,

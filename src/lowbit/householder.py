@@ -9,7 +9,9 @@ the MSE between the fp layer's output and the rotated, quantized layer's output 
 vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
 The next layer is calibrated on what the quantized layer outputs.
 
-Inference: W' = W·Qᵀ is quantized into a QuantLinear, and Q is applied to the input at run time as k
+Inference: W' = W·Qᵀ is quantized into a QuantLinear (round-to-nearest on the learned clipping grid, or,
+with weight_quantizer="gptq", GPTQ onto that same grid with the rotated inputs' Hessian Q·E[xxᵀ]·Qᵀ from
+the calibration pass that fed the PCA: no extra data or forward pass), and Q is applied to the input at run time as k
 rank-1 updates (no rotation folds into an RMSNorm, through attention or through the gated MLP). The
 shared rotations of q/k/v and gate/up run once, right after the norm that feeds the group (`RotatedNorm`);
 o_proj and down_proj carry their own (`QuantLinear(input_transform="householder")`). The checkpoint holds
@@ -26,7 +28,7 @@ from torch import nn
 from . import calibration, hadamard, integration, reflections, rotation
 from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
 from .modules import HouseholderRotation, QuantLinear, RotatedNorm
-from .quantize import quantize_rtn_ratio
+from .quantize import quantize_gptq, quantize_rtn_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class HouseholderConfig(LowbitConfig):
     Args:
         w_bits: 4 or 8. a_bits: 4, 8 or 16 (16: weight-only).
         group_size: input channels per weight scale/offset (32, 64, 128; -1 = per output channel).
+        weight_quantizer: "rtn" (round to nearest on the learned grid) or "gptq" (GPTQ's error feedback
+            onto the same grid).
         reflections: k for every rotation (None: from `pca_variance`).
         pca_variance: in (0, 1]: k = the fewest principal axes explaining this share of the variance.
         steps, lr: Adam steps per decoder layer and their learning rate (0 steps: PCA init only).
@@ -54,7 +58,8 @@ class HouseholderConfig(LowbitConfig):
     """
 
     quant_method = "lowbit_householder"
-    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "reflections": None, "pca_variance": 0.95,
+    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "weight_quantizer": "rtn", "reflections": None,
+               "pca_variance": 0.95,
                "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "max_seq_len": 512, "num_layers": None,
                "calibration": None, "seed": 13, "modules_to_not_convert": ["lm_head"], "calibration_source": None}
 
@@ -63,6 +68,7 @@ class HouseholderConfig(LowbitConfig):
         check_choice("w_bits", self.w_bits, (4, 8))
         check_choice("a_bits", self.a_bits, (4, 8, 16))
         check_choice("group_size", self.group_size, GROUP_SIZES)
+        check_choice("weight_quantizer", self.weight_quantizer, ("rtn", "gptq"))
         for name, low in (("reflections", 1), ("steps", 0), ("cali_bsz", 1), ("num_layers", 1)):
             value = getattr(self, name)
             if value is None and name in ("reflections", "num_layers"):
@@ -286,14 +292,17 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
     return {"rotations": {g: r.vectors.detach().clone() for g, r in rots.items()},
             "act_clip": {g: torch.sigmoid(r.act_clip_logit).detach().clone() for g, r in rots.items()},
             "weight_clip": {n: torch.sigmoid(m.weight_clip_logit).detach().clone() for n, m in trained.items()},
+            "covariances": covariances,
             "mse_none": mse_none, "mse_init": mse_init, "mse_opt": mse_opt, "fell_back": fell_back,
             "reflections": {g: r.vectors.shape[0] for g, r in rots.items()}}
 
 
 def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: HouseholderRotation | None = None,
-                     act_clip=None, weight_clip=None, owns_rotation: bool = True) -> QuantLinear:
+                     act_clip=None, weight_clip=None, owns_rotation: bool = True,
+                     covariance: torch.Tensor | None = None) -> QuantLinear:
     """The QuantLinear of `linear` behind `rotation` with its learned clipping, or plain RTN (no rotation).
-    `owns_rotation` False: the rotation runs before the module (in a RotatedNorm), only folded here."""
+    `owns_rotation` False: the rotation runs before the module (in a RotatedNorm), only folded here.
+    `covariance`: Σxxᵀ of the unrotated inputs, for weight_quantizer="gptq"."""
     gs = config.group_size_for(linear.in_features)
     if rotation is None:
         return QuantLinear.from_linear(linear, config.w_bits, gs, solver="rtn_clip", act_bits=config.a_bits)
@@ -302,8 +311,15 @@ def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: Hou
     module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.w_bits, gs,
                          dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.a_bits,
                          input_transform="householder" if k else None, reflections=k, learned_act_clip=learned)
-    rotated = reflections.apply(linear.weight.detach().float(), rotation.householder_vectors.float())  # W·Qᵀ
-    solve = lambda w, bits, group_size, dtype: quantize_rtn_ratio(w, bits, group_size, weight_clip, dtype)  # noqa: E731
+    vectors = rotation.householder_vectors.float()
+    rotated = reflections.apply(linear.weight.detach().float(), vectors)  # W·Qᵀ
+
+    def solve(w, bits, group_size, dtype):
+        codes, grid = quantize_rtn_ratio(w, bits, group_size, weight_clip, dtype)
+        if config.weight_quantizer == "rtn":
+            return codes, grid
+        hessian = reflections.apply(reflections.apply(covariance.float(), vectors).T, vectors)  # Q·C·Qᵀ
+        return quantize_gptq(w, hessian, bits, group_size, dtype, grid=grid)
     for name, tensor in module.quantized_tensors(rotated, solve).items():
         setattr(module, name, tensor)
     if k:
@@ -332,7 +348,7 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
         group = _group_of(rel)
         integration.set_module(layer, rel, quantized_module(
             layer.get_submodule(rel), config, rotations[group], res["act_clip"][group], res["weight_clip"][rel],
-            owns_rotation=group not in NORM_OF_GROUP))
+            owns_rotation=group not in NORM_OF_GROUP, covariance=res["covariances"][group]))
     for group, norm in NORM_OF_GROUP.items():
         if group not in rotations:
             continue
@@ -344,7 +360,7 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
         integration.set_module(layer, norm, RotatedNorm(layer.get_submodule(norm), rotations[group]))
     integration.malloc_trim()()
     return {"layer": index, "steps": steps, "seconds": time.perf_counter() - start,
-            **{k: v for k, v in res.items() if k not in ("rotations", "act_clip", "weight_clip")}}
+            **{k: v for k, v in res.items() if k not in ("rotations", "act_clip", "weight_clip", "covariances")}}
 
 
 def unrotate(model) -> None:

@@ -222,18 +222,21 @@ def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                   dtype: torch.dtype = torch.float32, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = True):
+                  act_order: bool = True, grid: torch.Tensor | None = None):
     """GPTQ (Frantar et al., 2022): quantize columns one at a time, spreading each column's rounding
     error over the columns not yet quantized through the inverse Hessian (`hessian` = E[x xᵀ] of the
     layer's inputs, [in, in]). Scale/offset are rounded to `dtype` before use, so the storage rounding
     is compensated too. `act_order`: columns in order of decreasing Hessian diagonal, each group's
-    scale/offset fixed beforehand (`quantize_rtn_clip` of the original weights: "static groups", as
-    the order mixes groups); otherwise in storage order, a group's scale/offset taken from its columns
-    as they stand when the group is reached. Requires in_features % group_size == 0."""
+    scale/offset fixed beforehand ("static groups", as the order mixes groups: `grid` [groups, out, 2]
+    in `dtype` when given, else `quantize_rtn_clip` of the original weights); otherwise in storage order,
+    a group's scale/offset taken from its columns as they stand when the group is reached. Requires
+    in_features % group_size == 0."""
     _check(bits, group_size)
     out, k = w.shape
     if k % group_size:
         raise ValueError(f"GPTQ needs group_size to divide in_features, got {group_size} and {k}")
+    if grid is not None and not act_order:
+        raise ValueError("a fixed grid needs act_order=True (in storage order each group is fitted as reached)")
     W = w.float().clone()
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
@@ -241,7 +244,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     W[:, dead] = 0
     order = torch.arange(k, device=w.device)
     if act_order:
-        _, scale_offset = quantize_rtn_clip(W, bits, group_size, dtype)
+        scale_offset = grid if grid is not None else quantize_rtn_clip(W, bits, group_size, dtype)[1]
         static = scale_offset.float()
         order = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, order], H[order][:, order]
