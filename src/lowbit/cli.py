@@ -39,8 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     qr.add_argument("--acts-bits", type=int, help="activation bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--kv-bits", type=int, help="KV cache bits: 4, 8 or 16 (off) (default 4)")
     qr.add_argument("--rotation", help="hadamard (default) or pca (needs --calib)")
-    qr.add_argument("--weight-quantizer", help="rtn (default; quarot: clipping search, householder: the learned "
-                    "clipping) or gptq (quarot: needs --calib)")
+    qr.add_argument("--weight-quantizer", help="rtn or gptq. quarot: rtn (default, clipping search) or gptq (needs "
+                    "--calib); householder: gptq (default) or rtn, both on the learned clipping grid")
     qa = q.add_argument_group("arhq")
     qa.add_argument("--rank", type=int, help="rank of the low-rank branch, 0 = plain NVFP4 (default 128)")
     qa.add_argument("--decomposition", help="arhq (default, needs --calib) or svdquant")

@@ -46,8 +46,9 @@ class HouseholderConfig(LowbitConfig):
     Args:
         w_bits: 4 or 8. a_bits: 4, 8 or 16 (16: weight-only).
         group_size: input channels per weight scale/offset (32, 64, 128; -1 = per output channel).
-        weight_quantizer: "rtn" (round to nearest on the learned grid) or "gptq" (GPTQ's error feedback
-            onto the same grid).
+        weight_quantizer: "gptq" (GPTQ's error feedback onto the learned clipping grid; it needs nothing the
+            optimization has not already computed) or "rtn" (round to nearest on that grid). SmolLM2-135M
+            W4A8, 20 steps: 26.39 vs 30.39 perplexity.
         reflections: k for every rotation (None: from `pca_variance`).
         pca_variance: in (0, 1]: k = the fewest principal axes explaining this share of the variance.
         steps, lr: Adam steps per decoder layer and their learning rate (0 steps: PCA init only).
@@ -58,7 +59,7 @@ class HouseholderConfig(LowbitConfig):
     """
 
     quant_method = "lowbit_householder"
-    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "weight_quantizer": "rtn", "reflections": None,
+    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "weight_quantizer": "gptq", "reflections": None,
                "pca_variance": 0.95,
                "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "max_seq_len": 512, "num_layers": None,
                "calibration": None, "seed": 13, "modules_to_not_convert": ["lm_head"], "calibration_source": None}
