@@ -52,7 +52,7 @@ QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4
                               for m, q in (("norot", "rtn"), ("quarot", "rtn"), ("quarot", "gptq"))]
                   + ["quarot-w4a4kv4-rtn-pca", "quarot-w4a4kv4-gptq-pca"])
 HH_METHODS = ["bf16"] + [f"quarot-{b}-{q}" for b in ("w4a8kv16", "w4a4kv16") for q in ("rtn", "gptq")] + \
-    ["hh-w4a8", "hh-w4a4"]
+    [f"hh-{b}{q}" for b in ("w4a8", "w4a4") for q in ("", "-gptq")]
 ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "arhq-r128") for sq in ("", "-sq")]
 
 
