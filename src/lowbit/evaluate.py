@@ -118,7 +118,8 @@ def weight_bytes(model) -> dict:
 def kv_cache_bytes(model, context: int) -> int:
     """Bytes the model's KV cache holds after a prefill of `context` tokens (batch 1)."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    cache = model(ids.to(model.device), use_cache=True, logits_to_keep=1).past_key_values
+    out = model(ids.to(model.device), use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", out.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

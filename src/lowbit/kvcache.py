@@ -12,6 +12,8 @@ already rotated v_proj's output per head.
 (whose default empty DynamicCache is swapped for one), and calls without a cache, which get a
 throwaway one so that they quantize the same way.
 """
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -116,16 +118,20 @@ def install(model, bits: int, rotate_keys: bool = True) -> None:
     """Route every forward of `model` (a *ForCausalLM) through a QuantizedKVCache."""
     decoder = model.get_decoder()
     num_layers = model.config.get_text_config().num_hidden_layers
+    # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name is a
+    # deprecated alias resolved inside forward, after this hook): set the one the decoder reads
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
     def use_quantized_cache(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if isinstance(cache, QuantizedKVCache):
-            return None
-        if cache is not None and not (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-            raise ValueError(f"this model quantizes its KV cache to {bits} bits and needs a lowbit "
-                             f"QuantizedKVCache; got a filled {type(cache).__name__}. Pass no cache, "
-                             f"or lowbit.kvcache.QuantizedKVCache({num_layers}, {bits}).")
-        kwargs["past_key_values"] = QuantizedKVCache(num_layers, bits, rotate_keys)
+        given = [kwargs.pop(k) for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
+        cache = given[0] if given else None
+        if not isinstance(cache, QuantizedKVCache):
+            if cache is not None and not (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+                raise ValueError(f"this model quantizes its KV cache to {bits} bits and needs a lowbit "
+                                 f"QuantizedKVCache; got a filled {type(cache).__name__}. Pass no cache, "
+                                 f"or lowbit.kvcache.QuantizedKVCache({num_layers}, {bits}).")
+            cache = QuantizedKVCache(num_layers, bits, rotate_keys)
+        kwargs[name] = cache
         return args, kwargs
 
     uninstall(model)
