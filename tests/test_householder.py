@@ -195,7 +195,8 @@ def test_gptq_onto_the_learned_grid_lowers_the_output_error():
     made = {}
     for wq in ("rtn", "gptq"):
         cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, weight_quantizer=wq)
-        made[wq] = householder.quantized_module(linear, cfg, rotation, weight_clip=ratio, covariance=x.T @ x)
+        made[wq] = householder.quantized_module(linear, cfg, rotation, weight_clip=ratio,
+                                                hessian=rotation.fold(rotation.fold(x.T @ x).T))
     assert torch.equal(made["rtn"].scale_offset, made["gptq"].scale_offset)  # the same learned grid
     err = {k: (m(x) - linear(x)).pow(2).mean().item() for k, m in made.items()}
     assert err["gptq"] < 0.8 * err["rtn"], err

@@ -300,10 +300,10 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
 
 def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: HouseholderRotation | None = None,
                      act_clip=None, weight_clip=None, owns_rotation: bool = True,
-                     covariance: torch.Tensor | None = None) -> QuantLinear:
+                     hessian: torch.Tensor | None = None) -> QuantLinear:
     """The QuantLinear of `linear` behind `rotation` with its learned clipping, or plain RTN (no rotation).
     `owns_rotation` False: the rotation runs before the module (in a RotatedNorm), only folded here.
-    `covariance`: Σxxᵀ of the unrotated inputs, for weight_quantizer="gptq"."""
+    `hessian`: Σxxᵀ of the rotated inputs (Q·C·Qᵀ), for weight_quantizer="gptq"."""
     gs = config.group_size_for(linear.in_features)
     if rotation is None:
         return QuantLinear.from_linear(linear, config.w_bits, gs, solver="rtn_clip", act_bits=config.a_bits)
@@ -312,14 +312,12 @@ def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: Hou
     module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.w_bits, gs,
                          dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.a_bits,
                          input_transform="householder" if k else None, reflections=k, learned_act_clip=learned)
-    vectors = rotation.householder_vectors.float()
-    rotated = reflections.apply(linear.weight.detach().float(), vectors)  # W·Qᵀ
+    rotated = rotation.fold(linear.weight.detach().float())  # W·Qᵀ
 
     def solve(w, bits, group_size, dtype):
         codes, grid = quantize_rtn_ratio(w, bits, group_size, weight_clip, dtype)
         if config.weight_quantizer == "rtn":
             return codes, grid
-        hessian = reflections.apply(reflections.apply(covariance.float(), vectors).T, vectors)  # Q·C·Qᵀ
         return quantize_gptq(w, hessian, bits, group_size, dtype, grid=grid)
     for name, tensor in module.quantized_tensors(rotated, solve).items():
         setattr(module, name, tensor)
@@ -345,19 +343,21 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
     for group, vectors in res["rotations"].items():
         rotations[group] = HouseholderRotation(*vectors.shape, dtype=dtype, device=vectors.device)
         rotations[group].householder_vectors.copy_(vectors)  # rounded to the storage dtype before folding
+    hessians = {}  # of the rotated inputs, Q·C·Qᵀ, once per group
+    if config.weight_quantizer == "gptq":
+        hessians = {g: r.fold(r.fold(res["covariances"][g].float()).T) for g, r in rotations.items()}
     for rel in mine:
         group = _group_of(rel)
         integration.set_module(layer, rel, quantized_module(
             layer.get_submodule(rel), config, rotations[group], res["act_clip"][group], res["weight_clip"][rel],
-            owns_rotation=group not in NORM_OF_GROUP, covariance=res["covariances"][group]))
+            owns_rotation=group not in NORM_OF_GROUP, hessian=hessians.get(group)))
     for group, norm in NORM_OF_GROUP.items():
         if group not in rotations:
             continue
         for rel in GROUPS[group]:  # a reader the config keeps in fp still sees the rotated norm output
             linear = layer.get_submodule(rel)
             if not isinstance(linear, QuantLinear):
-                linear.weight.data = reflections.apply(linear.weight.data.float(), rotations[group].householder_vectors
-                                                       .float()).to(linear.weight.dtype)
+                linear.weight.data = rotations[group].fold(linear.weight.data)
         integration.set_module(layer, norm, RotatedNorm(layer.get_submodule(norm), rotations[group]))
     integration.malloc_trim()()
     return {"layer": index, "steps": steps, "seconds": time.perf_counter() - start,

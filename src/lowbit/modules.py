@@ -224,6 +224,10 @@ class HouseholderRotation(nn.Module):
         v = self.householder_vectors
         return reflections.apply(x.float(), v, factors=self._factors()).to(x.dtype)
 
+    def fold(self, w: torch.Tensor) -> torch.Tensor:
+        """Q·w over the last dimension: W·Qᵀ, the weight of a linear reading the rotated input."""
+        return reflections.apply(w.float(), self.householder_vectors.float()).to(w.dtype)
+
     def inverse(self, w: torch.Tensor) -> torch.Tensor:
         """Qᵀ·w over the last dimension: W from a folded W·Qᵀ."""
         return reflections.apply(w.float(), self.householder_vectors.float(), inverse=True).to(w.dtype)
