@@ -45,10 +45,18 @@ def test_calibration_free_settings_need_no_calibration():
     assert not lowbit.ArhqConfig(rank=0).needs_calibration
 
 
-def test_rank_too_large_is_refused_before_loading(tiny_llama_16, tmp_path):
-    cfg = lowbit.ArhqConfig(rank=64, decomposition="svdquant")  # k_proj: 128 -> 64
-    with pytest.raises(ValueError, match=r"rank=64 must be below min\(in_features, out_features\) = 64 of "
-                                         r"model\.layers\.0\.self_attn\.k_proj"):
+def test_layers_no_wider_than_the_rank_stay_in_the_compute_dtype(tiny_llama_16):
+    cfg = lowbit.ArhqConfig(rank=64, decomposition="svdquant")  # k_proj, v_proj: 128 -> 64
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
+    attn = model.model.layers[0].self_attn
+    assert type(attn.k_proj) is torch.nn.Linear and type(attn.v_proj) is torch.nn.Linear
+    assert isinstance(attn.q_proj, Nvfp4Linear) and attn.q_proj.lora_down.shape[0] == 64
+
+
+def test_a_rank_no_layer_can_take_is_refused_before_loading(tiny_llama_16):
+    cfg = lowbit.ArhqConfig(rank=128, decomposition="svdquant")  # every layer has a side of 128 or less
+    with pytest.raises(ValueError, match=r"rank=128 must be below min\(in_features, out_features\) of some "
+                                         r"layer; the largest is 128, of model\.layers\.0\.self_attn\.q_proj"):
         AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
 
 

@@ -29,6 +29,9 @@ def test_reflections_are_orthogonal_and_rank1_updates_equal_the_dense_product(k)
     x = torch.randn(5, 64, generator=g)
     assert torch.allclose(reflections.apply(x, v), x @ dense.T, atol=1e-5)
     assert torch.allclose(reflections.apply(reflections.apply(x, v), v, inverse=True), x, atol=1e-5)
+    had = hadamard.hadamard_matrix(64)  # the full rotation: the reflections, then the Hadamard
+    assert torch.allclose(reflections.rotate(x, v), x @ dense.T @ had, atol=1e-5)
+    assert torch.allclose(reflections.rotate(reflections.rotate(x, v), v, inverse=True), x, atol=1e-5)
 
 
 def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
@@ -39,8 +42,9 @@ def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
     x = torch.randn(4000, d, generator=g) * 0.1 + torch.randn(4000, 1, generator=g) * 5 * top
     vectors = householder.pca_reflections(x.T @ x, pca_variance=0.5)
     assert vectors.shape[0] == 1  # one axis holds more than half of the variance
-    mapped = reflections.apply(top, vectors)
-    flat = hadamard.hadamard_matrix(d)[:, 0]
+    assert torch.allclose(reflections.apply(top, vectors).abs(), torch.eye(d)[0], atol=0.05)  # onto e_1
+    mapped = reflections.rotate(top, vectors)  # and by the Hadamard onto a flat direction
+    flat = hadamard.hadamard_matrix(d)[0]
     assert torch.allclose(mapped.abs(), flat.abs(), atol=0.05) and mapped.abs().max() < 0.2
     assert householder.pca_reflections(x.T @ x, pca_variance=1.0).shape[0] == d
     assert householder.pca_reflections(x.T @ x, pca_variance=0.5, k=5).shape[0] == 5

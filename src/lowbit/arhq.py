@@ -15,8 +15,9 @@ gate/up, into up_proj's rows for down_proj, and kept in the module (`smooth_scal
 input comes out of attention, where a grouped-query model shares one value channel between several
 o_proj inputs.
 
-Layers whose input width is not a multiple of 16 (the NVFP4 block) stay in the compute dtype; they
-are listed in the save metadata (`layers_kept`). Reload builds the Nvfp4Linear modules from the
+Layers whose input width is not a multiple of 16 (the NVFP4 block), and layers whose smaller side is
+not above the rank (their branch would be the whole matrix), stay in the compute dtype; they are
+listed in the save metadata (`layers_kept`). Reload builds the Nvfp4Linear modules from the
 config alone, so transformers loads the checkpoint like any other.
 """
 import logging
@@ -73,23 +74,32 @@ class ArhqConfig(LowbitConfig):
 
 def quantized_names(model, config: ArhqConfig) -> list[str]:
     """The linears that become Nvfp4Linear: those the config targets whose input width NVFP4's blocks
-    tile (a deterministic rule, so quantize and reload agree)."""
+    tile and whose smaller side exceeds the rank (deterministic rules, so quantize and reload agree).
+    A rank-r branch of a matrix with min(in, out) ≤ r is the whole matrix: the compute dtype holds it
+    exactly and in fewer bytes (Qwen2.5-0.5B's k_proj/v_proj, 896 -> 128, at rank 128)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
-    kept = [n for n in names if model.get_submodule(n).in_features % nvfp4.BLOCK_SIZE]
-    if kept:
-        logger.info("ARHQ: %s kept in the compute dtype (input width not a multiple of %d)", ", ".join(kept),
-                    nvfp4.BLOCK_SIZE)
-    return [n for n in names if n not in kept]
-
-
-def check_model(model, config: ArhqConfig, names) -> None:
-    if config.smoothing is not None:
-        rotation.check_architecture(model)  # folding needs to know which norm feeds which linear
+    kept = {}
     for name in names:
         linear = model.get_submodule(name)
-        if config.rank >= min(linear.in_features, linear.out_features):
-            raise ValueError(f"rank={config.rank} must be below min(in_features, out_features) = "
-                             f"{min(linear.in_features, linear.out_features)} of {name}")
+        if linear.in_features % nvfp4.BLOCK_SIZE:
+            kept[name] = f"input width not a multiple of {nvfp4.BLOCK_SIZE}"
+        elif config.rank >= min(linear.in_features, linear.out_features):
+            kept[name] = f"min(in_features, out_features) <= rank={config.rank}"
+    quantized = [n for n in names if n not in kept]
+    if names and not quantized and config.rank:
+        widest = max(names, key=lambda n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features))
+        linear = model.get_submodule(widest)
+        raise ValueError(f"rank={config.rank} must be below min(in_features, out_features) of some layer; the "
+                         f"largest is {min(linear.in_features, linear.out_features)}, of {widest}")
+    for reason in sorted(set(kept.values())):
+        logger.info("ARHQ: %s kept in the compute dtype (%s)",
+                    ", ".join(n for n, why in kept.items() if why == reason), reason)
+    return quantized
+
+
+def check_model(model, config: ArhqConfig) -> None:
+    if config.smoothing is not None:
+        rotation.check_architecture(model)  # folding needs to know which norm feeds which linear
 
 
 def _keeps_smooth_scale(config: ArhqConfig, name: str) -> bool:
@@ -183,7 +193,7 @@ def _quantize_linear(model, name: str, rank: int, roots=None, smooth_scale=None)
 def quantize_model(model, config: ArhqConfig) -> None:
     """Smooth (optionally), decompose and quantize every targeted linear in place."""
     names = quantized_names(model, config)
-    check_model(model, config, names)
+    check_model(model, config)
     progress = integration.progress_enabled()
     trim = integration.malloc_trim()
     if not config.needs_calibration:
@@ -232,7 +242,7 @@ class ArhqHfQuantizer(AfterLoadHfQuantizer):
 
     def target_names(self, model):
         names = quantized_names(model, self.quantization_config)
-        check_model(model, self.quantization_config, names)
+        check_model(model, self.quantization_config)
         return names
 
     def replace_for_reload(self, model, names, checkpoint_files):

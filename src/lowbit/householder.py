@@ -25,7 +25,7 @@ import time
 import torch
 from torch import nn
 
-from . import calibration, hadamard, integration, reflections, rotation
+from . import calibration, integration, reflections, rotation
 from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
 from .modules import HouseholderRotation, QuantLinear, RotatedNorm
 from .quantize import quantize_gptq, quantize_rtn_ratio
@@ -141,8 +141,8 @@ def calibration_ids(model, config: HouseholderConfig) -> torch.Tensor:
 
 def pca_reflections(covariance: torch.Tensor, pca_variance: float, k: int | None = None) -> torch.Tensor:
     """Vectors [k, d] of the reflections mapping the top-k principal axes of the (uncentred) input
-    covariance [d, d] onto the first k columns of the normalised Hadamard matrix of order d (flat
-    directions); k = the fewest axes explaining `pca_variance` of the variance unless given."""
+    covariance [d, d] onto the first k coordinate axes, which the Hadamard of `reflections.rotate` then
+    maps onto flat directions; k = the fewest axes explaining `pca_variance` of the variance unless given."""
     values, axes = torch.linalg.eigh(covariance.float())  # float32: principal axes, not a solve
     values, axes = values.flip(0).clamp_min(0), axes.flip(1)
     d = axes.shape[0]
@@ -150,7 +150,7 @@ def pca_reflections(covariance: torch.Tensor, pca_variance: float, k: int | None
         share = values.cumsum(0) / values.sum().clamp_min(1e-30)
         k = int((share < pca_variance - 1e-12).sum()) + 1
     k = min(k, d)
-    return reflections.mapping(axes[:, :k].double(), hadamard.hadamard_matrix(d, torch.float64)[:, :k]).float()
+    return reflections.mapping(axes[:, :k].double(), torch.eye(d, k, dtype=torch.float64)).float()
 
 
 # ---------------------------------------------------------------- differentiable quantizers
@@ -201,7 +201,7 @@ class _TrainingLinear(nn.Module):
     def forward(self, x):
         cfg, w, x = self.config, self.weight, x.float()
         if self.rot is not None:
-            x, w = reflections.apply(x, self.rot.vectors), reflections.apply(w, self.rot.vectors)
+            x, w = reflections.rotate(x, self.rot.vectors), reflections.rotate(w, self.rot.vectors)
             if cfg.a_bits < 16:
                 x = fake_quantize_activations(x, cfg.a_bits, torch.sigmoid(self.rot.act_clip_logit))
         elif cfg.a_bits < 16:

@@ -203,11 +203,13 @@ class QuantLinear(nn.Module):
 
 
 class HouseholderRotation(nn.Module):
-    """x ← Q·x over the last dimension, Q = H_k…H_1 applied as k rank-1 updates (`reflections.apply`).
+    """x ← Q·x over the last dimension, Q = Had·H_k…H_1: k rank-1 updates, then a fast Hadamard
+    transform (`reflections.rotate`).
 
     Persistent buffer: `householder_vectors` [k, d] in the compute dtype (Q is orthogonal for any vectors,
     so rounding them changes which rotation is stored, never its orthogonality: the weights it precedes
-    are folded with the rounded vectors). The WY factors are computed once, in float32, at first use."""
+    are folded with the rounded vectors). The Hadamard is regenerated from d. The WY factors are
+    computed once, in float32, at first use."""
 
     def __init__(self, reflections: int, features: int, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
@@ -222,15 +224,15 @@ class HouseholderRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.householder_vectors
-        return reflections.apply(x.float(), v, factors=self._factors()).to(x.dtype)
+        return reflections.rotate(x.float(), v, factors=self._factors()).to(x.dtype)
 
     def fold(self, w: torch.Tensor) -> torch.Tensor:
         """Q·w over the last dimension: W·Qᵀ, the weight of a linear reading the rotated input."""
-        return reflections.apply(w.float(), self.householder_vectors.float()).to(w.dtype)
+        return reflections.rotate(w.float(), self.householder_vectors.float()).to(w.dtype)
 
     def inverse(self, w: torch.Tensor) -> torch.Tensor:
         """Qᵀ·w over the last dimension: W from a folded W·Qᵀ."""
-        return reflections.apply(w.float(), self.householder_vectors.float(), inverse=True).to(w.dtype)
+        return reflections.rotate(w.float(), self.householder_vectors.float(), inverse=True).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"reflections={self.householder_vectors.shape[0]}, features={self.householder_vectors.shape[1]}"

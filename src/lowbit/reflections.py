@@ -1,9 +1,12 @@
 """Products of Householder reflections, Q = H_k…H_1 with H_i = I − 2·v_i v_iᵀ / ‖v_i‖².
 
 Orthogonal by construction for any vectors (so gradient descent on the v_i never leaves the orthogonal
-group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as k rank-1 updates.
+group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as k rank-1 updates. `rotate` is the rotation Householder quantization
+runs: the reflections, then a fixed Hadamard transform.
 """
 import torch
+
+from . import hadamard
 
 
 def wy_factors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +31,16 @@ def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors
     # rows: Q·x = x − (x·Vᵀ)·S⁻¹·V (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·Vᵀ)·S⁻ᵀ·V
     y = torch.linalg.solve_triangular(s.T if inverse else s, flat, upper=not inverse, left=False)
     return x - (y @ v).reshape(x.shape)
+
+
+def rotate(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors=None) -> torch.Tensor:
+    """Q·x over the last dim for Q = Had·H_k…H_1 (`inverse`: Qᵀ·x). The reflections are learned; the
+    Hadamard after them (regenerated from d, O(d log d)) spreads every direction they leave alone, so
+    a few reflections that place the principal axes on coordinate axes e_i (which the Hadamard makes
+    flat) make the whole space flat, not only those axes."""
+    if inverse:
+        return apply(hadamard.hadamard_transform(x, inverse=True), vectors, inverse=True, factors=factors)
+    return hadamard.hadamard_transform(apply(x, vectors, factors=factors))
 
 
 def matrix(vectors: torch.Tensor) -> torch.Tensor:
