@@ -42,7 +42,7 @@ METHODS = {
         "the compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top "
         "singular directions (SVDQuant)."),
     "lowbit_householder": MethodInfo(
-        "HH", "learned Householder rotations Q = H_k…H_1 (PCA-initialised, optimized layer by layer with "
+        "HH", "learned Householder rotations Q = Had·H_k…H_1 (PCA-initialised, optimized layer by layer with "
         "learnable clipping) in front of each group of linears, applied at run time as k rank-1 updates; "
         "packed weights and per-token quantized activations multiplied in integers."),
 }

@@ -1,10 +1,12 @@
-"""Householder rotations (HH): a learned orthogonal Q = H_k…H_1 in front of each group of linears,
+"""Householder rotations (HH): a learned orthogonal Q = Had·H_k…H_1 in front of each group of linears,
 optimized layer by layer together with learnable quantizer clipping (FlatQuant-style).
 
 Per decoder layer, four rotations: one shared by q/k/v, one for o_proj, one shared by gate/up, one for
-down_proj. Each starts from PCA: the reflections that map the top-k principal axes of its calibration
-inputs onto flat (Hadamard) directions, so the variance those axes carry is spread over every channel
-(k: the fewest axes holding `pca_variance` of the variance, or `reflections`). Then Adam minimises
+down_proj. Each starts from PCA: reflections that map the top-k principal axes of its calibration
+inputs onto the first k coordinate axes, which the fixed Hadamard after them turns into flat
+directions, so the variance those axes carry is spread over every channel, and the Hadamard spreads
+the rest of the space as QuaRot's does (k: the fewest axes holding `pca_variance` of the variance, or
+`reflections`). Then Adam minimises
 the MSE between the fp layer's output and the rotated, quantized layer's output over the Householder
 vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
 The next layer is calibrated on what the quantized layer outputs.
