@@ -60,6 +60,13 @@ def test_a_rank_no_layer_can_take_is_refused_before_loading(tiny_llama_16):
         AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
 
 
+def test_the_rank_rule_only_counts_layers_nvfp4_can_tile(tmp_path):
+    path = build_tiny("llama", tmp_path / "untiled", hidden_size=72, intermediate_size=200)  # no width % 16 == 0
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=lowbit.ArhqConfig(rank=4,
+                                                                                          decomposition="svdquant"))
+    assert not any(isinstance(m, Nvfp4Linear) for m in model.modules())
+
+
 def test_arhq_minimises_its_objective():
     x, w = _outlier_layer()
     hessian = arhq.activation_residual_hessian(x)

@@ -78,22 +78,20 @@ def quantized_names(model, config: ArhqConfig) -> list[str]:
     A rank-r branch of a matrix with min(in, out) ≤ r is the whole matrix: the compute dtype holds it
     exactly and in fewer bytes (Qwen2.5-0.5B's k_proj/v_proj, 896 -> 128, at rank 128)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
-    kept = {}
-    for name in names:
-        linear = model.get_submodule(name)
-        if linear.in_features % nvfp4.BLOCK_SIZE:
-            kept[name] = f"input width not a multiple of {nvfp4.BLOCK_SIZE}"
-        elif config.rank >= min(linear.in_features, linear.out_features):
-            kept[name] = f"min(in_features, out_features) <= rank={config.rank}"
-    quantized = [n for n in names if n not in kept]
-    if names and not quantized and config.rank:
-        widest = max(names, key=lambda n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features))
-        linear = model.get_submodule(widest)
+    tiled = [n for n in names if model.get_submodule(n).in_features % nvfp4.BLOCK_SIZE == 0]
+    side = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in tiled}
+    quantized = [n for n in tiled if config.rank < side[n]]
+    if tiled and not quantized:
+        widest = max(tiled, key=side.get)
         raise ValueError(f"rank={config.rank} must be below min(in_features, out_features) of some layer; the "
-                         f"largest is {min(linear.in_features, linear.out_features)}, of {widest}")
-    for reason in sorted(set(kept.values())):
-        logger.info("ARHQ: %s kept in the compute dtype (%s)",
-                    ", ".join(n for n, why in kept.items() if why == reason), reason)
+                         f"largest is {side[widest]}, of {widest}")
+    untiled, narrow = [n for n in names if n not in side], [n for n in tiled if n not in quantized]
+    if untiled:
+        logger.info("ARHQ: %s kept in the compute dtype (input width not a multiple of %d)", ", ".join(untiled),
+                    nvfp4.BLOCK_SIZE)
+    if narrow:
+        logger.info("ARHQ: %s kept in the compute dtype (min(in_features, out_features) <= rank=%d)",
+                    ", ".join(narrow), config.rank)
     return quantized
 
 

@@ -1,8 +1,8 @@
 """Products of Householder reflections, Q = H_k…H_1 with H_i = I − 2·v_i v_iᵀ / ‖v_i‖².
 
 Orthogonal by construction for any vectors (so gradient descent on the v_i never leaves the orthogonal
-group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as k rank-1 updates. `rotate` is the rotation Householder quantization
-runs: the reflections, then a fixed Hadamard transform.
+group), stored as k·d numbers instead of d², applied to a vector in O(k·d) as k rank-1 updates.
+`rotate` is the rotation Householder quantization runs: the reflections, then a fixed Hadamard.
 """
 import torch
 
