@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Verify Householder optimization layer by layer: the MSE of each decoder layer's output against the fp
-layer with no rotation, after the PCA init and after optimization; no NaN anywhere.
+"""Verify Householder optimization layer by layer: the error of each decoder layer's output against the fp
+layer (`householder.output_error`, each token's squared error relative to its own output, averaged) with
+no rotation, after the PCA init and after optimization; no NaN anywhere.
 
     python scripts/hh_verify.py --model-path ~/.cache/lowbit-models/smollm2-135m --nsamples 8 --cali-bsz 2 \\
         --max-seq-len 512 --steps 50 --lr 1e-3 --num-layers 2 --device cpu
@@ -65,19 +66,19 @@ def main(argv=None) -> int:
             break
         row = householder.quantize_layer(layer, index, inputs, names, config, progress=True)
         rows.append(row)
-        print(f"layer {index}: none {row['mse_none']:.4g}  pca {row['mse_init']:.4g}  opt {row['mse_opt']:.4g}  "
+        print(f"layer {index}: none {row['error_none']:.4g}  pca {row['error_init']:.4g}  opt {row['error_opt']:.4g}  "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
-    lines = ["| layer | reflections (qkv / o / gate_up / down) | MSE no rotation | MSE PCA init | MSE optimized "
+    lines = ["| layer | reflections (qkv / o / gate_up / down) | error no rotation | error PCA init | error optimized "
              "| opt / none | s | status |", "|---|---|---|---|---|---|---|---|"]
     bad = False
     for r in rows:
         ks = r["reflections"]
-        nan = not all(math.isfinite(r[k]) for k in ("mse_none", "mse_init", "mse_opt"))
+        nan = not all(math.isfinite(r[k]) for k in ("error_none", "error_init", "error_opt"))
         status = "NaN" if nan else ("worse than PCA init: kept the init" if r["fell_back"] else "ok")
         bad |= nan or r["fell_back"]
-        lines.append(f"| {r['layer']} | {ks['qkv']} / {ks['o']} / {ks['gate_up']} / {ks['down']} | {r['mse_none']:.4g} "
-                     f"| {r['mse_init']:.4g} | {r['mse_opt']:.4g} | {r['mse_opt'] / r['mse_none']:.3f} "
+        lines.append(f"| {r['layer']} | {ks['qkv']} / {ks['o']} / {ks['gate_up']} / {ks['down']} | {r['error_none']:.4g} "
+                     f"| {r['error_init']:.4g} | {r['error_opt']:.4g} | {r['error_opt'] / r['error_none']:.3f} "
                      f"| {r['seconds']:.0f} | {status} |")
     source = config.calibration_source or calib
     lines.append(f"\n{args.model_path}: W{args.w_bits}A{args.a_bits} g{args.group_size}, {args.nsamples}×"

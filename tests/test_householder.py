@@ -11,6 +11,19 @@ import lowbit
 from lowbit import evaluate, hadamard, householder, reflections
 from lowbit.modules import HouseholderRotation, QuantLinear, RotatedNorm
 
+
+def test_output_error_weighs_every_token_by_its_own_output():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 4, 32, generator=g)
+    target[0, 0] *= 1000  # an attention sink's massive activations
+    noise = torch.randn(1, 4, 32, generator=g)
+    relative = target + 0.1 * noise * target.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True)
+    assert householder.output_error(relative, target).item() == pytest.approx(0.01, rel=1e-4)
+    sink_only = target.clone()
+    sink_only[0, 0] *= 1.1  # 10% relative error on the sink, none elsewhere: a quarter of the mean
+    assert householder.output_error(sink_only, target).item() == pytest.approx(0.01 / 4, rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_hh(tmp_path_factory):
     return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama-hh"), intermediate_size=256)
@@ -81,8 +94,8 @@ def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
     report = []
     householder.quantize_model(model, cfg, report=report)
     for row in report[:2]:
-        assert row["mse_opt"] < row["mse_init"] < row["mse_none"], row
-    assert all(r["mse_opt"] == r["mse_init"] for r in report[2:])  # beyond num_layers: the PCA init
+        assert row["error_opt"] < row["error_init"] < row["error_none"], row
+    assert all(r["error_opt"] == r["error_init"] for r in report[2:])  # beyond num_layers: the PCA init
     rotations = [m for m in model.modules() if isinstance(m, HouseholderRotation)]
     assert len(rotations) == 4 * model.config.num_hidden_layers
     assert all(torch.isfinite(m.householder_vectors).all() for m in rotations)
