@@ -24,7 +24,15 @@ def test_transform_is_orthogonal_and_fast_path_equals_dense(n):
     h = hadamard.hadamard_matrix(n, torch.float64)
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
     x = torch.randn(3, 2, n, dtype=torch.float64)
+    before = x.clone()
     assert torch.allclose(hadamard.hadamard_transform(x), x @ h, atol=1e-10)
+    assert torch.allclose(hadamard.hadamard_transform(x, inverse=True), x @ h.T, atol=1e-10)
+    assert torch.equal(x, before)  # the transform works in its own buffers
+    strided = torch.randn(n, 4, dtype=torch.float64).T  # a non-contiguous input
+    assert torch.allclose(hadamard.hadamard_transform(strided), strided @ h, atol=1e-10)
+    trained = x.clone().requires_grad_()  # the autograd path (Householder training) agrees
+    hadamard.hadamard_transform(trained).pow(2).sum().backward()
+    assert torch.allclose(trained.grad, 2 * x, atol=1e-10)  # ‖xH‖² = ‖x‖² for an orthogonal H
 
 
 def test_factorisation_prefers_a_true_hadamard_block():

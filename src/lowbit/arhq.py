@@ -214,7 +214,7 @@ def quantize_model(model, config: ArhqConfig) -> None:
             hessians = {}
             if config.decomposition == "arhq" and config.rank:
                 hessians, _ = calibration.input_statistics(
-                    layer, inputs, {n: model.get_submodule(n) for n in mine}, activation_residual_hessian, torch.add)
+                    layer, inputs, {n: model.get_submodule(n) for n in mine}, activation_residual_hessian, torch.Tensor.add_)
             roots = {}  # q/k/v (gate/up) share one G object: one eigendecomposition
             for name in mine:
                 kept_scale = smooth["scale"] if smooth and _keeps_smooth_scale(config, name) else None

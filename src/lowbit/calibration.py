@@ -121,11 +121,18 @@ def layer_by_layer(model, input_ids: torch.Tensor, batch_size: int = 8, progress
         run_layer(layer, inputs)
 
 
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx in float32 for x [tokens, features] (one float copy of x, not two)."""
+    x = x.float()
+    return x.T @ x
+
+
 @torch.no_grad()
 def input_statistics(layer, inputs: LayerInputs, modules: dict, stat, reduce):
     """Run the samples through `layer` and reduce `stat(x)` over every input x [tokens, features] of each
     named submodule: ({name: statistic}, {name: tokens seen}). Submodules reading the same tensor (q/k/v,
-    gate/up) share one computation and one result object."""
+    gate/up) share one computation and one result object. `reduce(total, value)` may work in place
+    (`torch.Tensor.add_`): the first value becomes the total."""
     results, counts, owner, hooks = {}, {}, {}, []
 
     def observe(module, args, name):

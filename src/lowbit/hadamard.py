@@ -106,16 +106,26 @@ def hadamard_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
     return (torch.kron(sylvester, base_block(m).matrix) / math.sqrt(n)).to(dtype)
 
 
-def _fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) over dim -2, whose size is a power of two."""
+def _fwht(x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform (Sylvester order) over dim -2, whose size is a power of two.
+    Outside autograd the butterfly stages alternate between two buffers, x being one of them when
+    `overwrite`: a transform of a large activation costs two copies of it, not one per stage."""
     lead, (n, m) = x.shape[:-2], x.shape[-2:]
+    differentiable = torch.is_grad_enabled() and x.requires_grad  # autograd cannot write into buffers
+    src = x
+    dst = None if differentiable else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = 1
     while h < n:
-        x = x.reshape(*lead, n // (2 * h), 2, h, m)
-        a, b = x.unbind(-3)
-        x = torch.stack([a + b, a - b], dim=-3)
+        a, b = src.reshape(*lead, n // (2 * h), 2, h, m).unbind(-3)
+        if differentiable:
+            src = torch.stack([a + b, a - b], dim=-3).reshape(x.shape)
+        else:
+            out = dst.view(*lead, n // (2 * h), 2, h, m)
+            torch.add(a, b, out=out.select(-3, 0))
+            torch.sub(a, b, out=out.select(-3, 1))
+            src, dst = dst, (torch.empty_like(dst) if src is x and not overwrite else src)
         h *= 2
-    return x.reshape(*lead, n, m)
+    return src
 
 
 def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -128,5 +138,7 @@ def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         block = base_block(m).matrix
         y = y @ (block.T if inverse else block).to(device=x.device, dtype=x.dtype)
     if k > 1:
-        y = _fwht(y)
-    return (y / math.sqrt(n)).reshape(x.shape)
+        y = _fwht(y, overwrite=m > 1)  # the block product is already a copy
+    if y.data_ptr() == x.data_ptr():  # n = 1: nothing was computed, and x is not ours to scale
+        y = y.clone()
+    return y.div_(math.sqrt(n)).reshape(x.shape)

@@ -262,7 +262,7 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
     groups = sorted({_group_of(n) for n in names})
     covariances, _ = calibration.input_statistics(
         layer, inputs32, {g: layer.get_submodule(GROUPS[g][0]) for g in groups},
-        lambda x: x.float().T @ x.float(), torch.add)
+        calibration.gram, torch.Tensor.add_)
     rots = {g: _Rotation(pca_reflections(covariances[g], config.pca_variance, config.reflections)) for g in groups}
     original = _swap(layer, {n: _TrainingLinear(layer.get_submodule(n), None, config) for n in names})
     error_none = _layer_error(layer, inputs32, targets)

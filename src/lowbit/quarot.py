@@ -24,7 +24,7 @@ PRESETS = {
     "w4a8kv8": {"w_bits": 4, "a_bits": 8, "kv_bits": 8},
 }
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel (the whole row)
-CALIBRATION_BATCH = 2  # samples per forward while calibrating: the MLP's activations of a batch dominate peak memory
+CALIBRATION_BATCH = 1  # samples per forward while calibrating: a batch's MLP activations set the peak memory
 
 
 class QuaRotConfig(LowbitConfig):
@@ -133,16 +133,20 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
     for _, layer, inputs in calibration.layer_by_layer(model, input_ids, CALIBRATION_BATCH, progress=progress):
         prefix = f"model.layers.{index[id(layer)]}."
         mine = [n for n in names if n.startswith(prefix)]
-        sums, counts = calibration.input_statistics(layer, inputs, {n: model.get_submodule(n) for n in mine},
-                                                    lambda x: x.float().T @ x.float(), torch.add)
+        hessians, counts = calibration.input_statistics(layer, inputs, {n: model.get_submodule(n) for n in mine},
+                                                        calibration.gram, torch.Tensor.add_)
+        scaled = set()
         for name in mine:
             linear = model.get_submodule(name)
-            parts = spec(name, linear)
-            hessian = 2 * sums[name] / counts[name]
-            solver = lambda w, bits, group_size, dtype, h=hessian: quantize_gptq(w, h, bits, group_size, dtype)  # noqa: E731
-            weight_only = {**parts, "act_bits": 16}
+            weight_only = {**spec(name, linear), "act_bits": 16}
+            hessian = hessians.pop(name)  # q/k/v (gate/up) share one; the last of them frees it
+            if id(hessian) not in scaled:
+                hessian.mul_(2 / counts[name])
+                scaled.add(id(hessian))
+            solver = lambda w, bits, group_size, dtype: quantize_gptq(w, hessian, bits, group_size, dtype)  # noqa: E731
             integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **weight_only))
             done.add(name)
+            del linear, hessian, solver
         integration.malloc_trim()()
     for name in done:
         model.get_submodule(name).set_act_bits(spec(name, model.get_submodule(name))["act_bits"])
