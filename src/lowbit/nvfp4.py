@@ -14,10 +14,6 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 _MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 E2M1_VALUES = torch.tensor(_MAGNITUDES + [-m for m in _MAGNITUDES], dtype=torch.float32)
-# Midpoints between neighbouring magnitudes. A tie goes to the even code: down at these ...
-_TIES_DOWN = torch.tensor([0.25, 1.25, 2.5, 5.0])
-# ... and up at these.
-_TIES_UP = torch.tensor([0.75, 1.75, 3.5])
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -31,10 +27,12 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
-    """4-bit codes of the nearest E2M1 values to `scaled`, ties to the even code; beyond ±6 saturates."""
+    """4-bit codes of the nearest E2M1 values to `scaled`, ties to the even code; beyond ±6 saturates.
+    The grid steps by 0.5 below 2 (codes 0-4), by 1 up to 4 (codes 4-6), then 6 (code 7): torch.round,
+    which rounds half to even, gives the even code on each of the first two stretches."""
     a = scaled.abs()
-    mag = torch.bucketize(a, _TIES_DOWN.to(a.device)) + torch.bucketize(a, _TIES_UP.to(a.device), right=True)
-    return (mag | ((scaled < 0).to(mag.dtype) << 3)).to(torch.uint8)
+    mag = torch.where(a < 2, (2 * a).round_(), torch.where(a < 4, a.round().add_(2), (a > 5).to(a.dtype).add_(6)))
+    return mag.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
 
 
 def _check_width(k: int) -> None:
