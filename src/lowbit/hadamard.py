@@ -108,16 +108,17 @@ def hadamard_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
 
 def _fwht(x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform (Sylvester order) over dim -2, whose size is a power of two.
-    Outside autograd the butterfly stages alternate between two buffers, x being one of them when
-    `overwrite`: a transform of a large activation costs two copies of it, not one per stage."""
+    For a large x outside autograd the butterfly stages alternate between two buffers, x being one of
+    them when `overwrite`: the transform of a prefill's activations costs two copies of them, not three
+    per stage. A decode step's few rows take the functional stages, which dispatch faster."""
     lead, (n, m) = x.shape[:-2], x.shape[-2:]
-    differentiable = torch.is_grad_enabled() and x.requires_grad  # autograd cannot write into buffers
+    functional = (torch.is_grad_enabled() and x.requires_grad) or x.numel() < 1 << 16  # autograd: no out=
     src = x
-    dst = None if differentiable else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dst = None if functional else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = 1
     while h < n:
         a, b = src.reshape(*lead, n // (2 * h), 2, h, m).unbind(-3)
-        if differentiable:
+        if functional:
             src = torch.stack([a + b, a - b], dim=-3).reshape(x.shape)
         else:
             out = dst.view(*lead, n // (2 * h), 2, h, m)
