@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .integration import malloc_trim
+
 logger = logging.getLogger(__name__)
 
 
@@ -102,12 +104,24 @@ def capture_first_layer_inputs(model, input_ids: torch.Tensor, batch_size: int) 
     return captured
 
 
+_trim = malloc_trim()
+
+
+def _release_freed_memory():
+    """Hand freed heap pages back to the OS. glibc serves blocks below its (self-raising) mmap threshold
+    from the heap, where a batch's activations leave holes that the next batch's do not exactly fit: without
+    this after each batch, resident memory grows with the number of calibration batches."""
+    _trim()
+
+
 @torch.no_grad()
 def run_layer(layer, inputs: LayerInputs) -> None:
     """Replace `inputs` by what `layer` outputs for them (the next layer's inputs)."""
     for i, (hidden, kwargs) in enumerate(inputs.batches()):
         out = layer(hidden, **kwargs)
         inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
+        del out
+        _release_freed_memory()
 
 
 def layer_by_layer(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True):
@@ -151,6 +165,7 @@ def input_statistics(layer, inputs: LayerInputs, modules: dict, stat, reduce):
         for hidden, kwargs in inputs.batches():
             layer(hidden, **kwargs)
             owner.clear()
+            _release_freed_memory()
     finally:
         for h in hooks:
             h.remove()
