@@ -104,14 +104,10 @@ def capture_first_layer_inputs(model, input_ids: torch.Tensor, batch_size: int) 
     return captured
 
 
-_trim = malloc_trim()
-
-
-def _release_freed_memory():
-    """Hand freed heap pages back to the OS. glibc serves blocks below its (self-raising) mmap threshold
-    from the heap, where a batch's activations leave holes that the next batch's do not exactly fit: without
-    this after each batch, resident memory grows with the number of calibration batches."""
-    _trim()
+# Called after every calibration batch: glibc serves blocks below its (self-raising) mmap threshold from
+# the heap, where a batch's activations leave holes that the next batch's do not exactly fit; without
+# handing the freed pages back, resident memory grows with the number of calibration batches.
+_release_freed_memory = malloc_trim()
 
 
 @torch.no_grad()

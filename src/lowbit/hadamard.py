@@ -140,6 +140,6 @@ def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         y = y @ (block.T if inverse else block).to(device=x.device, dtype=x.dtype)
     if k > 1:
         y = _fwht(y, overwrite=m > 1)  # the block product is already a copy
-    if y.data_ptr() == x.data_ptr():  # n = 1: nothing was computed, and x is not ours to scale
+    if n == 1:  # nothing was computed: y is x, which is not ours to scale
         y = y.clone()
     return y.div_(math.sqrt(n)).reshape(x.shape)
