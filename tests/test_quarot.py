@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from conftest import build_tiny, cli_refuses, forward_logits, random_ids, run_python
 from transformers import AutoModelForCausalLM
 
@@ -193,7 +194,11 @@ def test_quantize_save_reload_in_a_fresh_process(request, tmp_path, arch, group)
     out = tmp_path / "q"
     model.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["quantization_config"]["quant_method"] == "lowbit_quarot" and not saved["tie_word_embeddings"]
+    assert saved["quantization_config"]["quant_method"] == "lowbit_quarot"
+    tied = json.loads((src / "config.json").read_text())["tie_word_embeddings"]
+    assert saved["tie_word_embeddings"] == tied  # the Hadamard-rotated final norm keeps a tied head tied
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) != tied
     torch.save(ids, tmp_path / "ids.pt")
     res = run_python(f"""
 import json, torch
@@ -202,9 +207,10 @@ m = AutoModelForCausalLM.from_pretrained({str(out)!r})
 ids = torch.load({str(tmp_path / 'ids.pt')!r})
 with torch.no_grad():
     torch.save(m(ids).logits.float(), {str(tmp_path / 'reloaded.pt')!r})
-print(json.dumps({{"cls": type(m.model.layers[0].mlp.down_proj).__name__}}))
+print(json.dumps({{"cls": type(m.model.layers[0].mlp.down_proj).__name__,
+                  "tied": m.lm_head.weight is m.model.embed_tokens.weight}}))
 """)
-    assert res["cls"] == "QuantLinear"
+    assert res["cls"] == "QuantLinear" and res["tied"] == tied
     assert torch.equal(torch.load(tmp_path / "reloaded.pt"), logits)
 
 

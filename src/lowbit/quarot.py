@@ -166,8 +166,8 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     ids = calibration.model_calibration_ids(model, config) if config.needs_calibration else None
     hooks = []
     if rotate:
-        rotation.fuse_norms(model)
-        names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
+        rotation.fuse_norms(model, final_norm=config.rotation_method == "pca")
+        names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head may be untied now
         if config.rotation_method == "pca":
             q = pca_rotation(model, ids, progress)
         else:
@@ -188,14 +188,17 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     finally:
         for h in hooks:
             h.remove()
-    prepare_runtime(model, config, rotate_keys=rotate)
+    prepare_runtime(model, config, rotated=rotate)
 
 
-def prepare_runtime(model, config: QuaRotConfig, rotate_keys: bool = True) -> None:
-    """Kernel layouts for every QuantLinear, and the quantized KV cache when the config asks for one."""
+def prepare_runtime(model, config: QuaRotConfig, rotated: bool = True) -> None:
+    """Kernel layouts for every QuantLinear, the final norm's run-time Hadamards (a Hadamard-rotated
+    model keeps its final norm, see `rotation`), and the quantized KV cache when the config asks for one."""
     integration.prepare_runtime(model)
+    if rotated and config.rotation_method == "hadamard":
+        rotation.unrotate_final_norm(model)
     if config.kv_bits < 16:
-        kvcache.install(model, config.kv_bits, rotate_keys=rotate_keys)
+        kvcache.install(model, config.kv_bits, rotate_keys=rotated)
 
 
 class QuaRotHfQuantizer(AfterLoadHfQuantizer):
@@ -219,4 +222,5 @@ class QuaRotHfQuantizer(AfterLoadHfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         kvcache.uninstall(model)
+        rotation.fold_unrotated_final_norm(model)
         return integration.dequantize_model(model, dtype or self.dtype)
