@@ -9,7 +9,7 @@ applied before quantizing and undone after, without touching the attention code;
   (`key_statistics`). Qwen2's key bias (|b| up to ~200 on Qwen2.5-0.5B) survives RoPE in the slow
   channels as an offset shared by every token, and a few channels are much wider than the rest: a
   token's 16 levels went to both. Qwen2.5-0.5B W4A8, first 2048-token WikiText-2 window: KV4 46.3 ppl
-  without, 22.8 with (KV8: 22.1).
+  without, 22.4 with (KV8: 22.1).
 - a Hadamard over head_dim, where RoPE's outlier channels are spread out: `K̂ = Q(K·H)·Hᵀ`, so attention
   computes q·K̂ = (q·H)·Q(K·H), QuaRot's rotated-query/rotated-key product.
 Values need no run-time rotation: `rotation.rotate_values` already rotated v_proj's output per head.
