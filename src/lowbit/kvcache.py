@@ -62,9 +62,10 @@ def key_statistics(model) -> list:
       as an RMS over the channel's RoPE pair (i, i + head_dim/2): RoPE mixes the pair, so only their
       common scale is the same at every position."""
     text = model.config.get_text_config()
-    positions = torch.arange(min(KEY_CENTRE_POSITIONS, text.max_position_embeddings))[None]
-    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-    cos, sin = cos[0].float(), sin[0].float()  # [positions, head_dim]
+    rotary = model.model.rotary_emb
+    device = rotary.inv_freq.device
+    positions = torch.arange(min(KEY_CENTRE_POSITIONS, text.max_position_embeddings), device=device)[None]
+    cos, sin = (t[0].float() for t in rotary(torch.zeros(1, device=device), positions))  # [positions, head_dim]
     stats = []
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -78,8 +79,8 @@ def key_statistics(model) -> list:
         scale = pair.repeat(1, 2).sqrt().clamp_min(1e-6)
         centre = torch.zeros_like(scale)
         if k_proj.bias is not None and norm is None:
-            bias = k_proj.bias.float().view(-1, 1, head_dim)
-            centre = (bias * cos + _rotate_half(bias) * sin).mean(1)
+            bias, c, s = k_proj.bias.float().view(-1, 1, head_dim), cos.to(scale.device), sin.to(scale.device)
+            centre = (bias * c + _rotate_half(bias) * s).mean(1)
         stats.append((centre, scale))
     return stats
 
