@@ -238,9 +238,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     if grid is not None and not act_order:
         raise ValueError("a fixed grid needs act_order=True (in storage order each group is fitted as reached)")
     W = w.float().clone()
-    # [in, in] matrices are the memory peak (Qwen2.5-0.5B's down_proj: 95 MB each), so at most two are
-    # alive here besides the caller's
+    # [in, in] matrices are the memory peak (Qwen2.5-0.5B's down_proj: 95 MB each): at most two are alive
+    # here, and a caller that keeps no reference to `hessian` has it freed once it is reordered
     H = hessian.float()
+    del hessian
     diag = H.diagonal().clone()
     dead = diag == 0
     diag[dead] = 1

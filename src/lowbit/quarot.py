@@ -139,11 +139,13 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
         for name in mine:
             linear = model.get_submodule(name)
             weight_only = {**spec(name, linear), "act_bits": 16}
-            hessian = hessians.pop(name)  # q/k/v (gate/up) share one; the last of them frees it
-            if id(hessian) not in scaled:
-                hessian.mul_(2 / counts[name])
-                scaled.add(id(hessian))
-            solver = lambda w, bits, group_size, dtype: quantize_gptq(w, hessian, bits, group_size, dtype)  # noqa: E731
+            # q/k/v (gate/up) share one Hessian: the last of them takes the only reference, and GPTQ frees
+            # it as soon as it has its own reordered copy
+            hessian = [hessians.pop(name)]
+            if id(hessian[0]) not in scaled:
+                hessian[0].mul_(2 / counts[name])
+                scaled.add(id(hessian[0]))
+            solver = lambda w, bits, group_size, dtype: quantize_gptq(w, hessian.pop(), bits, group_size, dtype)  # noqa: E731
             integration.set_module(model, name, QuantLinear.from_linear(linear, solver=solver, **weight_only))
             done.add(name)
             del linear, hessian, solver
