@@ -9,7 +9,7 @@ down_proj's input can be rotated online (the transform is applied at run time, `
 
 The final norm is the exception when the residual rotation is a Hadamard: folding its scale into the
 head would make the head differ from the (rotated) input embeddings, so a tied head would have to be
-untied: one more vocabulary-sized matrix in memory and on disk (Qwen2.5-0.5B: +27% of the bf16 model).
+untied: one more vocabulary-sized matrix in memory and on disk (SmolLM2-135M: +21% of the bf16 model).
 Instead it keeps its scale and runs in the unrotated basis, between an inverse and a forward Hadamard
 applied at run time (`unrotate_final_norm`), and the head stays tied.
 
