@@ -19,6 +19,20 @@ def test_activation_codes_and_clipping(bits):
     assert (ref - x).abs().max() <= (x.abs().amax(-1, keepdim=True) / qmax / 2 + 1e-6).max()
 
 
+def test_searched_clip_has_the_least_error_of_the_grid():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+    x[:8] = torch.randn(8, 256).sign()  # ±1 tokens: exact unclipped, any clipping hurts them
+    err = lambda y: (y.float() - x).pow(2).sum(-1)  # noqa: E731
+    searched = err(Q.fake_quantize_activations(x, 4, None))
+    each = torch.stack([err(Q.fake_quantize_activations(x, 4, r)) for r in Q.ACT_CLIP_GRID])
+    assert torch.allclose(searched, each.min(0).values)
+    assert (each[0, 8:] > searched[8:]).all()  # Gaussian tokens: some clipping beats none
+    assert (searched[:8] == 0).all() and (each[1:, :8] > 0).all()
+    codes, scale = Q.quantize_activations(x, 4, None)
+    assert torch.equal(Q.quantize_activations(x, 4, None)[0], codes)
+
+
 def test_bad_activation_bits():
     with pytest.raises(ValueError, match="activation bits must be 4 or 8, got 3"):
         Q.quantize_activations(torch.randn(2, 8), 3)
