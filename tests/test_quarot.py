@@ -177,6 +177,8 @@ def test_key_statistics_match_rope_of_the_bias(biased_keys_qwen2):
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
     model = AutoModelForCausalLM.from_pretrained(biased_keys_qwen2, dtype=torch.float32)
+    gamma = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) + 0.5
+    model.model.layers[1].input_layernorm.weight.data = gamma
     stats = kvcache.key_statistics(model)
     attn, hd = model.model.layers[1].self_attn, model.model.layers[1].self_attn.head_dim
     positions = torch.arange(model.config.max_position_embeddings)[None]
@@ -185,7 +187,7 @@ def test_key_statistics_match_rope_of_the_bias(biased_keys_qwen2):
     _, turned = apply_rotary_pos_emb(bias, bias, cos, sin)  # RoPE of the bias at every position
     centre, scale = stats[1]
     assert torch.allclose(centre, turned[0].mean(1), atol=1e-4)
-    rows = attn.k_proj.weight.pow(2).sum(-1).view(-1, 2, hd // 2).mean(1).sqrt()
+    rows = (attn.k_proj.weight * gamma).pow(2).sum(-1).view(-1, 2, hd // 2).mean(1).sqrt()  # k_proj after the norm
     assert torch.allclose(scale, rows.repeat(1, 2), rtol=1e-5)
 
 

@@ -5,7 +5,7 @@ to KV_CLIP[bits] of min/max, group = head_dim), packed along head_dim, and appen
 are never re-quantized, and a step's attention sees exactly what the cache holds, in prefill as in
 decode. The cache hands attention the dequantized keys, so any fixed invertible map of the keys may be
 applied before quantizing and undone after, without touching the attention code; two are:
-- per-channel normalisation, `(K − c)/s`, with c and s per layer and head from k_proj alone
+- per-channel normalisation, `(K − c)/s`, with c and s per layer and head from the weights alone
   (`key_statistics`). Qwen2's key bias (|b| up to ~200 on Qwen2.5-0.5B) survives RoPE in the slow
   channels as an offset shared by every token, and a few channels are much wider than the rest: a
   token's 16 levels went to both. Qwen2.5-0.5B W4A8, first 2048-token WikiText-2 window: KV4 46.3 ppl
@@ -56,9 +56,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def key_statistics(model) -> list:
     """Per decoder layer, (centre, scale) [kv_heads, head_dim] float32 that its keys are normalised by
-    before quantization, from k_proj (and k_norm) alone: deterministic, no calibration.
+    before quantization, from the weights alone (input norm, k_proj, k_norm): deterministic, no calibration.
     - centre: k_proj's bias as RoPE turns it, averaged over the first KEY_CENTRE_POSITIONS positions;
-    - scale: each output channel's row norm of k_proj (times k_norm's weight where keys are normed),
+    - scale: each output channel's row norm of the input norm's scale then k_proj (times k_norm's weight
+      where keys are normed),
       as an RMS over the channel's RoPE pair (i, i + head_dim/2): RoPE mixes the pair, so only their
       common scale is the same at every position."""
     text = model.config.get_text_config()
@@ -71,7 +72,11 @@ def key_statistics(model) -> list:
         attn = layer.self_attn
         k_proj, head_dim = attn.k_proj, attn.head_dim
         weight = k_proj.dequantize_weight(torch.float32) if hasattr(k_proj, "dequantize_weight") else k_proj.weight
-        rows = weight.float().pow(2).sum(-1).view(-1, head_dim)  # [kv_heads, head_dim]
+        d = weight.shape[1]
+        # every basis vector times √d has RMS one, so the input norm (with any hooks around it) acts on
+        # these as the linear map it applies to a typical token: k_proj's weight as the residual sees it
+        through = layer.input_layernorm(torch.eye(d, device=weight.device) * d**0.5).float() / d**0.5
+        rows = (weight.float() @ through.T).pow(2).sum(-1).view(-1, head_dim)  # [kv_heads, head_dim]
         norm = getattr(attn, "k_norm", None)
         if norm is not None:
             rows = rows * norm.weight.float().pow(2)

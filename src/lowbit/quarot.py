@@ -168,13 +168,13 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
     ids = calibration.model_calibration_ids(model, config) if config.needs_calibration else None
     hooks = []
     if rotate:
-        rotation.fuse_norms(model, final_norm=config.rotation_method == "pca")
-        names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head may be untied now
         if config.rotation_method == "pca":
-            q = pca_rotation(model, ids, progress)
-        else:
-            q = hadamard.hadamard_matrix(model.config.hidden_size, torch.float64)
-        rotation.rotate_residual(model, q)
+            rotation.fuse_norms(model)
+            names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
+            rotation.rotate_residual(model, pca_rotation(model, ids, progress))
+        else:  # the norms keep their scales and run unrotated (see `rotation`), from here on
+            rotation.rotate_residual(model, hadamard.hadamard_matrix(model.config.hidden_size, torch.float64))
+            rotation.unrotate_norms(model)
         rotation.rotate_values(model)
         rotation.fuse_down_proj_hadamard(model)
         # until down_proj becomes a QuantLinear with input_transform="hadamard", apply it as a hook
@@ -194,11 +194,11 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
 
 
 def prepare_runtime(model, config: QuaRotConfig, rotated: bool = True) -> None:
-    """Kernel layouts for every QuantLinear, the final norm's run-time Hadamards (a Hadamard-rotated
-    model keeps its final norm, see `rotation`), and the quantized KV cache when the config asks for one."""
+    """Kernel layouts for every QuantLinear, the norms' run-time Hadamards (a Hadamard-rotated model keeps
+    its norm scales, see `rotation`), and the quantized KV cache when the config asks for one."""
     integration.prepare_runtime(model)
     if rotated and config.rotation_method == "hadamard":
-        rotation.unrotate_final_norm(model)
+        rotation.unrotate_norms(model)
     if config.kv_bits < 16:
         kvcache.install(model, config.kv_bits, rotate_keys=rotated)
 
@@ -224,5 +224,6 @@ class QuaRotHfQuantizer(AfterLoadHfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         kvcache.uninstall(model)
-        rotation.fold_unrotated_final_norm(model)
-        return integration.dequantize_model(model, dtype or self.dtype)
+        model = integration.dequantize_model(model, dtype or self.dtype)
+        rotation.fold_unrotated_norms(model)
+        return model
