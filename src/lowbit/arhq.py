@@ -188,8 +188,9 @@ def _quantize_linear(model, name: str, rank: int, roots=None, smooth_scale=None)
 
 
 @torch.no_grad()
-def quantize_model(model, config: ArhqConfig) -> None:
-    """Smooth (optionally), decompose and quantize every targeted linear in place."""
+def quantize_model(model, config: ArhqConfig, calibration_ids=None) -> None:
+    """Smooth (optionally), decompose and quantize every targeted linear in place. `calibration_ids`: the
+    config's calibration tokens when already at hand (`calibration.model_calibration_ids`)."""
     names = quantized_names(model, config)
     check_model(model, config)
     progress = integration.progress_enabled()
@@ -201,7 +202,7 @@ def quantize_model(model, config: ArhqConfig) -> None:
             _quantize_linear(model, name, config.rank, None)
             trim()
         return
-    ids = calibration.model_calibration_ids(model, config)
+    ids = calibration_ids if calibration_ids is not None else calibration.model_calibration_ids(model, config)
     index = {id(layer): i for i, layer in enumerate(model.model.layers)}
     done = set()
     for _, layer, inputs in calibration.layer_by_layer(model, ids, CALIBRATION_BATCH, progress=progress):
@@ -250,4 +251,4 @@ class ArhqHfQuantizer(AfterLoadHfQuantizer):
             spec=lambda name, linear: {"rank": cfg.rank, "smooth": _keeps_smooth_scale(cfg, name)})
 
     def quantize(self, model):
-        quantize_model(model, self.quantization_config)
+        quantize_model(model, self.quantization_config, calibration_ids=self.take_calibration_ids())

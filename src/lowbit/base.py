@@ -6,7 +6,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import integration
+from . import calibration, integration
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,19 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
         if self.pre_quantized:
             self.replace_for_reload(model, names, checkpoint_files)
             integration.verify_checkpoint(model, checkpoint_files)
+        elif getattr(self.quantization_config, "needs_calibration", False):
+            # tokenized before the weights arrive, so that the tokenizer's transient (~200 MiB for
+            # WikiText-2's validation text) never adds to the loaded model at the memory peak; on the
+            # CPU explicitly, as the model is being built under a meta-device context
+            with torch.device("cpu"):
+                self._calibration_ids = calibration.model_calibration_ids(model, self.quantization_config)
+            integration.malloc_trim()()
         return model
+
+    def take_calibration_ids(self):
+        """The calibration tokens prepared before loading (None if the config needs none), released here."""
+        ids, self._calibration_ids = getattr(self, "_calibration_ids", None), None
+        return ids
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:

@@ -159,13 +159,16 @@ def _gptq(model, names, spec, input_ids, progress: bool) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, config: QuaRotConfig, rotate: bool = True) -> None:
+def quantize_model(model, config: QuaRotConfig, rotate: bool = True, calibration_ids=None) -> None:
     """Rotate and quantize an fp model in place. `rotate=False` quantizes the same way without any
-    rotation: the baseline QuaRot is measured against."""
+    rotation: the baseline QuaRot is measured against. `calibration_ids`: the config's calibration
+    tokens when already at hand (`calibration.model_calibration_ids`)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
     progress = integration.progress_enabled()
-    ids = calibration.model_calibration_ids(model, config) if config.needs_calibration else None
+    ids = calibration_ids
+    if ids is None and config.needs_calibration:
+        ids = calibration.model_calibration_ids(model, config)
     hooks = []
     if rotate:
         if config.rotation_method == "pca":
@@ -217,7 +220,7 @@ class QuaRotHfQuantizer(AfterLoadHfQuantizer):
                                               spec=linear_spec(self.quantization_config))
 
     def quantize(self, model):
-        quantize_model(model, self.quantization_config)
+        quantize_model(model, self.quantization_config, calibration_ids=self.take_calibration_ids())
 
     def prepare_runtime(self, model):
         prepare_runtime(model, self.quantization_config)
