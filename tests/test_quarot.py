@@ -383,4 +383,5 @@ def test_dequantize_folds_the_online_hadamard_back(tiny_llama_g32):
     quantized = forward_logits(model, ids)
     model.dequantize()
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # the norms' Hadamards folded
     assert torch.allclose(forward_logits(model, ids), quantized, atol=1e-4 * quantized.abs().max().item())
