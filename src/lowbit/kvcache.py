@@ -67,15 +67,16 @@ def key_statistics(model) -> list:
     device = rotary.inv_freq.device
     positions = torch.arange(min(KEY_CENTRE_POSITIONS, text.max_position_embeddings), device=device)[None]
     cos, sin = (t[0].float() for t in rotary(torch.zeros(1, device=device), positions))  # [positions, head_dim]
+    # every basis vector times √d has RMS one, so an input norm (with any hooks around it) acts on these
+    # as the linear map it applies to a typical token: through it, k_proj's weight as the residual sees it
+    d = text.hidden_size
+    probe = torch.eye(d, device=device) * d**0.5
     stats = []
     for layer in model.model.layers:
         attn = layer.self_attn
         k_proj, head_dim = attn.k_proj, attn.head_dim
         weight = k_proj.dequantize_weight(torch.float32) if hasattr(k_proj, "dequantize_weight") else k_proj.weight
-        d = weight.shape[1]
-        # every basis vector times √d has RMS one, so the input norm (with any hooks around it) acts on
-        # these as the linear map it applies to a typical token: k_proj's weight as the residual sees it
-        through = layer.input_layernorm(torch.eye(d, device=weight.device) * d**0.5).float() / d**0.5
+        through = layer.input_layernorm(probe.to(weight.device)).float() / d**0.5
         rows = (weight.float() @ through.T).pow(2).sum(-1).view(-1, head_dim)  # [kv_heads, head_dim]
         norm = getattr(attn, "k_norm", None)
         if norm is not None:

@@ -82,18 +82,19 @@ def _untie_head(model) -> nn.Module:
 def fuse_norms(model) -> None:
     """Fold every RMSNorm scale into the linears reading its output; a tied head is untied."""
     check_architecture(model)
+    _untie_head(model)
     for norm, readers in _norms_and_readers(model):
         _fold_norm(norm, readers)
 
 
 def _norms_and_readers(model):
-    """(norm, the linears reading its output) for every RMSNorm, the final norm last with the head
-    (untied: with the scale folded in, it differs from the embeddings)."""
+    """(norm, the linears reading its output) for every RMSNorm, the final norm last with the head (a
+    caller folding into it unties it first: with the scale folded in, it differs from the embeddings)."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         yield layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
         yield layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]
-    yield model.model.norm, [_untie_head(model)]
+    yield model.model.norm, [model.get_output_embeddings()]
 
 
 @torch.no_grad()
@@ -151,8 +152,7 @@ def _rotated(module, args, output):
 
 
 def _norms(model):
-    return [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + \
-        [model.model.norm]
+    return [norm for norm, _ in _norms_and_readers(model)]
 
 
 def unrotate_norms(model) -> None:
@@ -179,5 +179,6 @@ def fold_unrotated_norms(model) -> None:
     conjugated by H, folded into its readers (rows w ↦ (w·Hᵀ ⊙ γ)·H; the head untied), the scales set
     to one and the hooks removed."""
     if remove_norm_hooks(model):
+        _untie_head(model)
         for norm, readers in _norms_and_readers(model):
             _fold_norm(norm, readers, conjugate=True)
