@@ -38,3 +38,9 @@ def test_calibration_errors(tiny_llama):
         calibration.calibration_ids(tok, "/no/such/file.txt", nsamples=2, seqlen=8)
     with pytest.raises(ValueError, match="nsamples must be >= 1"):
         calibration.calibration_ids(tok, ["x"], nsamples=0, seqlen=8)
+
+
+def test_gram_accumulated_by_blocks_equals_the_product():
+    x = torch.randn(2 * calibration.GRAM_ROWS + 7, 48, dtype=torch.float64).to(torch.bfloat16)
+    ref = x.double().T @ x.double()
+    assert torch.allclose(calibration.gram(x).double(), ref, rtol=1e-5, atol=1e-3)

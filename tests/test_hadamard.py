@@ -53,3 +53,16 @@ def test_transform_spreads_an_outlier():
     x[7] = 100.0
     y = hadamard.hadamard_transform(x)
     assert torch.allclose(y.norm(), x.norm()) and y.abs().max() < 100.0 / 576 ** 0.5 * 1.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_transform_is_the_float32_transform_block_by_block(dtype):
+    rows = 2 * hadamard.ACTIVATION_ROWS + 5  # blocks, and a partial last one
+    x = torch.randn(rows, 3, 576).to(dtype)  # leading dims of any shape
+    for inverse in (False, True):
+        y = hadamard.transform_activations(x, inverse=inverse)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert torch.equal(y, hadamard.hadamard_transform(x.float(), inverse=inverse).to(dtype))
+    trained = torch.randn(5, 64, requires_grad=True)  # Householder training differentiates through it
+    hadamard.transform_activations(trained).pow(2).sum().backward()
+    assert torch.allclose(trained.grad, 2 * trained.detach(), atol=1e-5)

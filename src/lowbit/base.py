@@ -168,5 +168,6 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
         if self.pre_quantized:
             self.prepare_runtime(model)
         else:
-            self.quantize(model)
+            with integration.blocks_returned_on_free():
+                self.quantize(model)
         return model

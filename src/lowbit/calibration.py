@@ -131,10 +131,16 @@ def layer_by_layer(model, input_ids: torch.Tensor, batch_size: int = 8, progress
         run_layer(layer, inputs)
 
 
+GRAM_ROWS = 256  # tokens converted to float32 at once
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx in float32 for x [tokens, features] (one float copy of x, not two)."""
-    x = x.float()
-    return x.T @ x
+    """xᵀx in float32 for x [tokens, features], accumulated over blocks of tokens (no float copy of x)."""
+    total = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    for block in x.split(GRAM_ROWS):
+        block = block.float()
+        total.addmm_(block.T, block)
+    return total
 
 
 @torch.no_grad()

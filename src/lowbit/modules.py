@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import kernels, nvfp4, packing, reflections
-from .hadamard import hadamard_transform
+from .hadamard import hadamard_transform, transform_activations
 from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_rtn,
                        quantize_rtn_clip)
 
@@ -152,7 +152,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
-            x = hadamard_transform(x.float()).to(x.dtype)
+            x = transform_activations(x)
         elif self.input_transform == "householder":
             x = self.rotation(x)
         if self.act_bits < 16:

@@ -144,11 +144,11 @@ def fuse_down_proj_hadamard(model) -> None:
 
 
 def _unrotated(module, args):
-    return (hadamard.hadamard_transform(args[0].float(), inverse=True).to(args[0].dtype),)
+    return (hadamard.transform_activations(args[0], inverse=True),)
 
 
 def _rotated(module, args, output):
-    return hadamard.hadamard_transform(output.float()).to(output.dtype)
+    return hadamard.transform_activations(output)
 
 
 def _norms(model):
