@@ -167,7 +167,9 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             self.prepare_runtime(model)
-        else:
+        elif getattr(self.quantization_config, "needs_calibration", False):
             with integration.blocks_returned_on_free():
                 self.quantize(model)
+        else:
+            self.quantize(model)
         return model
