@@ -35,6 +35,7 @@ cell, and a cell already there is not recomputed (delete it, or pass --redo, to 
 Writes results/results.json, results/results.md and results/*.png.
 """
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -387,6 +388,8 @@ def main():
         resolve_model(m)
     if not args.ppl_data.exists():
         raise SystemExit(f"--ppl-data {args.ppl_data} does not exist")
+    if importlib.util.find_spec("matplotlib") is None:  # needed by the report, after every cell has run
+        raise SystemExit("the report's plots need matplotlib: pip install '.[bench]'")
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
