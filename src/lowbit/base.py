@@ -1,4 +1,5 @@
 """What every lowbit method shares on the transformers side: config validation and the quantizer."""
+import contextlib
 import copy
 import logging
 
@@ -167,9 +168,8 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             self.prepare_runtime(model)
-        elif getattr(self.quantization_config, "needs_calibration", False):
-            with integration.blocks_returned_on_free():
-                self.quantize(model)
-        else:
+            return model
+        calibrating = getattr(self.quantization_config, "needs_calibration", False)
+        with integration.blocks_returned_on_free() if calibrating else contextlib.nullcontext():
             self.quantize(model)
         return model

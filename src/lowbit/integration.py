@@ -115,8 +115,9 @@ def blocks_returned_on_free():
     layer's activations come from the heap, whose freed holes stay resident and add to the peak
     (SmolLM2-135M GPTQ: the first calibrated layer peaked 124 MiB above the memory held before it,
     64 MiB with this). Mapping and faulting every block costs time where there are many small ones
-    (RTN quantize-on-load of SmolLM2-135M: 2.5x slower), so methods without calibration run without it. On exit the threshold is left where the adaptive one ends up after loading a model
-    (setting it once turns the adaptation off), so inference allocates as it would have."""
+    (RTN quantize-on-load of SmolLM2-135M: 2.5x slower), so methods without calibration run without
+    it. On exit the threshold is left where the adaptive one ends up after loading a model (setting it
+    once turns the adaptation off), so inference allocates as it would have."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield

@@ -181,8 +181,8 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True, calibration
         rotation.rotate_values(model)
         rotation.fuse_down_proj_hadamard(model)
         # until down_proj becomes a QuantLinear with input_transform="hadamard", apply it as a hook
-        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, args: (hadamard.transform_activations(args[0]),))
-                 for n in names if _is_down_proj(n)]
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+                 lambda m, args: (hadamard.transform_activations(args[0]),)) for n in names if _is_down_proj(n)]
     spec = linear_spec(config, rotate)
     try:
         if config.weight_quantizer == "gptq":
