@@ -154,3 +154,16 @@ def test_per_token_rounding_is_each_row_on_its_own():
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 3, 5)[:, None]
     rows = torch.stack([F.fake_quantize(row) for row in x])
     assert torch.equal(F.fake_quantize_per_token(x), rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dequantize_rounds_once_to_dtype(dtype):
+    """The table lookup equals e2m1 · block scale · tensor scale in float32, rounded once to `dtype`."""
+    x = torch.randn(6, 2, 96, generator=torch.Generator().manual_seed(1)) * torch.logspace(-5, 2, 96)
+    x[0, 0, :16] = 0.0
+    packed, scales, ts = F.quantize(x)
+    values = F.E2M1_VALUES[F.unpack(packed).long()].reshape(*scales.shape, 16)
+    expected = (values * scales.float().unsqueeze(-1) * ts).reshape(x.shape).to(dtype)
+    out = F.dequantize(packed, scales, ts, dtype)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert torch.equal(F.dequantize(packed[:, 1], scales[:, 1], ts, dtype), expected[:, 1])  # a strided slice

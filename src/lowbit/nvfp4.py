@@ -26,13 +26,19 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packing.unpack(packed, 4)
 
 
-def _round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
-    """4-bit codes of the nearest E2M1 values to `scaled`, ties to the even code; beyond ±6 saturates.
-    The grid steps by 0.5 below 2 (codes 0-4), by 1 up to 4 (codes 4-6), then 6 (code 7): torch.round,
+def _e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
+    """The nearest E2M1 values to `scaled` (float), ties to the even code; beyond ±6 saturates. The
+    grid steps by 0.5 below 2 (codes 0-4), by 1 up to 4 (codes 4-6), then 6 (code 7): torch.round,
     which rounds half to even, gives the even code on each of the first two stretches."""
     a = scaled.abs()
-    mag = torch.where(a < 2, (2 * a).round_(), torch.where(a < 4, a.round().add_(2), (a > 5).to(a.dtype).add_(6)))
-    return mag.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
+    v = torch.where(a < 2, (2 * a).round_().mul_(0.5), torch.where(a < 4, a.round(), torch.where(a > 5, 6.0, 4.0)))
+    return torch.where(scaled < 0, -v, v)  # -0.0 for the negatives that round to zero, as the sign bit
+
+
+def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (sign << 3 | magnitude index) of E2M1 values."""
+    magnitude = torch.searchsorted(E2M1_VALUES[:8].to(values.device), values.abs()).to(torch.uint8)
+    return magnitude | (torch.signbit(values).to(torch.uint8) << 3)
 
 
 def _check_width(k: int) -> None:
@@ -40,16 +46,16 @@ def _check_width(k: int) -> None:
         raise ValueError(f"NVFP4 needs the last dimension to be a multiple of {BLOCK_SIZE}, got {k}")
 
 
-def _quantize_blocks(x: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [..., K], block scales [..., K//16]) of float32 x under tensor scale(s) `ts` (> 0, broadcast
-    against the blocks: [] or [..., 1])."""
+def _rounded_blocks(x: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1 values [..., K//16, 16], block scales [..., K//16]) of float32 x under tensor scale(s) `ts`
+    (> 0, broadcast against the blocks: [] or [..., 1])."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     block_scales = (blocks.abs().amax(-1) / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     divisor = (block_scales.float() * ts).unsqueeze(-1)
-    nonzero = divisor > 0  # a block scale that is (or rounds to) 0 leaves its block at code 0
-    # Past ±6 where E4M3 rounded the scale down: `_round_e2m1` saturates.
+    nonzero = divisor > 0  # a block scale that is (or rounds to) 0 leaves its block at 0
+    # Past ±6 where E4M3 rounded the scale down: `_e2m1_round` saturates.
     scaled = torch.where(nonzero, blocks / torch.where(nonzero, divisor, 1.0), 0.0)
-    return _round_e2m1(scaled).reshape(x.shape), block_scales
+    return _e2m1_round(scaled), block_scales
 
 
 def _default_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -67,20 +73,27 @@ def quantize(x: torch.Tensor, tensor_scale: torch.Tensor | None = None
     else:
         ts = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
         ts = torch.where(ts > 0, ts, torch.ones_like(ts))
-    codes, block_scales = _quantize_blocks(x, ts)
-    return pack(codes), block_scales, ts
+    values, block_scales = _rounded_blocks(x, ts)
+    return pack(_e2m1_codes(values).reshape(x.shape)), block_scales, ts
 
 
-# the two values of each packed byte (low nibble first): one lookup per byte, no unpacking
-_BYTE_VALUES = torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], -1)
+# [block scale byte, code byte, 2]: the two values a packed byte holds (low nibble first) times each
+# E4M3 block scale, exact in float32 (2 + 4 significant bits). Dequantizing is one lookup per byte.
+_SCALED_BYTE_VALUES = (torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], -1)
+                       * torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()[:, None, None])
+_PAIR_AS_INT = {2: torch.int32, 4: torch.int64}  # a pair of 16-/32-bit floats moved as one integer
 
 
 def dequantize(codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize`, up to rounding: [..., K] in `dtype`."""
-    values = _BYTE_VALUES.to(codes_packed.device)[codes_packed.int()]  # [..., K//2, 2]
-    values = values.reshape(*block_scales.shape, BLOCK_SIZE) * block_scales.float().unsqueeze(-1)
-    return (values * tensor_scale.float()).reshape(*codes_packed.shape[:-1], -1).to(dtype)
+    """Inverse of `quantize`, up to rounding: [..., K] in `dtype`, each value e2m1 · block scale ·
+    tensor scale evaluated in float32 and rounded once to `dtype`."""
+    pair_dtype = dtype if dtype.itemsize in _PAIR_AS_INT else torch.float32
+    table = (_SCALED_BYTE_VALUES.to(codes_packed.device) * tensor_scale.float()).to(pair_dtype)
+    pairs = table.view(_PAIR_AS_INT[pair_dtype.itemsize]).reshape(-1)
+    index = codes_packed.reshape(*block_scales.shape, -1).long()  # (mixed-dtype broadcasting is far slower)
+    index += (block_scales.view(torch.uint8).long() << 8).unsqueeze(-1)
+    return pairs.take(index).view(pair_dtype).reshape(*codes_packed.shape[:-1], -1).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +107,5 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     _check_width(x.shape[-1])
     xf = x.float()
     ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
-    codes, block_scales = _quantize_blocks(xf, ts)
-    values = E2M1_VALUES.to(x.device)[codes.long()].reshape(*block_scales.shape, BLOCK_SIZE)
+    values, block_scales = _rounded_blocks(xf, ts)
     return (values * block_scales.float().unsqueeze(-1) * ts.unsqueeze(-1)).reshape(x.shape).to(x.dtype)
