@@ -75,3 +75,22 @@ def test_invalid_bits_and_group_size():
         Q.quantize_rtn(torch.randn(4, 64), 5, 32)
     with pytest.raises(ValueError, match="group_size"):
         Q.quantize_rtn(torch.randn(4, 64), 4, 0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_hqq_storage_keeps_the_solver_scale_and_searches_the_offset(bits):
+    """hqq's solver fixes each group's scale: storage rounds it to nearest (never the narrower
+    neighbour a free search prefers) and takes the offset neighbour that reconstructs the group best."""
+    w = _weight(96, 256, seed=2).to(torch.bfloat16)
+    codes, exact = Q.quantize_hqq(w, bits, 64)
+    codes_b, stored = Q.quantize_hqq(w, bits, 64, torch.bfloat16)
+    assert torch.equal(codes, codes_b)
+    assert torch.equal(stored[..., 0], exact[..., 0].to(torch.bfloat16))
+    nearest = exact.to(torch.bfloat16)
+    moved = stored[..., 1] != nearest[..., 1]
+    assert moved.any()  # the offset search does something on this data
+    step = (torch.nextafter(nearest[..., 1], torch.full_like(nearest[..., 1], float("inf"))).float()
+            - nearest[..., 1].float()).abs()
+    assert ((stored[..., 1].float() - nearest[..., 1].float()).abs() <= 2 * step).all()
+    err = lambda so: _mse(Q.dequantize(codes, so, bits, 256), w.float())  # noqa: E731
+    assert err(stored) < err(nearest)

@@ -47,36 +47,42 @@ def _finish(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
 BLOCK_ELEMENTS = 1 << 18
 
 
-def _blockwise(quantize_block):
-    """Run `quantize_block(w_rows, bits, group_size)` over row blocks into preallocated outputs,
-    rounding each block's scale/offset to the storage `dtype` (see `_round_for_storage`)."""
+def _blockwise(fixed_scale: bool = False):
+    """Decorator: run `quantize_block(w_rows, bits, group_size)` over row blocks into preallocated
+    outputs, rounding each block's scale/offset to the storage `dtype` (see `_round_for_storage`)."""
 
-    def quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32):
-        _check(bits, group_size)
-        out, in_features = w.shape
-        k_pad = padded_in_features(in_features, group_size)
-        codes = torch.empty(out, k_pad, dtype=torch.uint8, device=w.device)
-        scale_offset = torch.empty(k_pad // group_size, out, 2, dtype=dtype, device=w.device)
-        step = max(1, BLOCK_ELEMENTS // k_pad)
-        for start in range(0, out, step):
-            rows = w[start:start + step]
-            c, so = quantize_block(rows, bits, group_size)
-            codes[start:start + step] = c
-            scale_offset[:, start:start + step] = _round_for_storage(rows, c, so, bits, group_size, dtype)
-        return codes, scale_offset
+    def wrap(quantize_block):
+        def quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype = torch.float32):
+            _check(bits, group_size)
+            out, in_features = w.shape
+            k_pad = padded_in_features(in_features, group_size)
+            codes = torch.empty(out, k_pad, dtype=torch.uint8, device=w.device)
+            scale_offset = torch.empty(k_pad // group_size, out, 2, dtype=dtype, device=w.device)
+            step = max(1, BLOCK_ELEMENTS // k_pad)
+            for start in range(0, out, step):
+                rows = w[start:start + step]
+                c, so = quantize_block(rows, bits, group_size)
+                codes[start:start + step] = c
+                scale_offset[:, start:start + step] = _round_for_storage(rows, c, so, bits, group_size, dtype,
+                                                                         fixed_scale)
+            return codes, scale_offset
 
-    quantize.__doc__ = quantize_block.__doc__
-    quantize.__name__ = quantize_block.__name__
-    return quantize
+        quantize.__doc__ = quantize_block.__doc__
+        quantize.__name__ = quantize_block.__name__
+        return quantize
+
+    return wrap
 
 
-def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype):
+def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_scale: bool = False):
     """Per group, the storage-dtype neighbours of scale and offset (nearest, one step up or down each)
     that reconstruct the group best. They move the grid by less than a rounding step, so unlike a
-    refit they cannot clip the group's largest weights. Rounding to nearest instead (what hqq does) was
-    measured: SmolLM2-135M worse at all four 4/3-bit, g64/g128 settings (w3g64: 265.9 vs 256.6, 40×512
-    windows), Qwen2.5-0.5B better at 3-bit g128 (83.64 vs 84.41, 10 windows): noise of the same size
-    as the gap to hqq, so lowbit keeps the choice that lowers every layer's error."""
+    refit they cannot clip the group's largest weights.
+
+    `fixed_scale` (for a solver that fixes the scale and optimizes only the zero point, as hqq's does):
+    the scale is rounded to nearest, as hqq rounds it, and only the offset's neighbours are searched.
+    The free search shrinks most of those scales by one step (71-78% of Qwen2.5-0.5B's groups), and
+    that costs perplexity there: HQQ w4 g128 47.79 free, 47.60 fixed (hqq's own 47.61; 40×512 windows)."""
     if dtype == torch.float32:
         return scale_offset
     g = _grouped(w, group_size)
@@ -88,8 +94,9 @@ def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype):
         return [x, torch.nextafter(x, torch.full_like(x, float("inf"))),
                 torch.nextafter(x, torch.full_like(x, float("-inf")))]
 
+    scales = [nearest[..., 0]] if fixed_scale else neighbours(nearest[..., 0])
     best_err, best = None, nearest.clone()
-    for s in neighbours(nearest[..., 0]):
+    for s in scales:
         for o in neighbours(nearest[..., 1]):
             w_hat = t * s.float().unsqueeze(-1) + o.float().unsqueeze(-1)
             err = (((w_hat - g) ** 2) * mask).sum(-1)
@@ -115,7 +122,7 @@ def round_to_grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     return q, scale, lo + 2 ** (bits - 1) * scale
 
 
-@_blockwise
+@_blockwise()
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     """Plain round-to-nearest on the min/max grid of each group (the baseline)."""
     mask = _valid_mask(w.shape[1], group_size, w.device)
@@ -127,7 +134,7 @@ CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.
 CLIP_NORM = 2.4
 
 
-@_blockwise
+@_blockwise()
 def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
     """Round-to-nearest with a per-group clipping search (calibration-free, as QuaRot's RTN): the
     min/max range shrunk by the factor in CLIP_GRID that minimises Σ|W − Ŵ|^2.4 over the group."""
@@ -163,7 +170,7 @@ def quantize_rtn_ratio(w: torch.Tensor, bits: int, group_size: int, ratio: torch
     return codes, _round_for_storage(w, codes, scale_offset, bits, group_size, dtype)
 
 
-@_blockwise
+@_blockwise(fixed_scale=True)
 def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
     """Half-quadratic quantization: hqq's proximal solver with hqq's own default settings picks codes,
     scale and zero point per group; they are stored as scale and offset = (2^(bits−1) − zero)·scale.
