@@ -76,8 +76,8 @@ def _blockwise(fixed_scale: bool = False):
 
 def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_scale: bool = False):
     """Per group, the storage-dtype neighbours of scale and offset (nearest, one step up or down each)
-    that reconstruct the group best. They move the grid by less than a rounding step, so unlike a
-    refit they cannot clip the group's largest weights.
+    that reconstruct the group best: the grid moves by less than one storage step, where a
+    least-squares refit would move it far enough to clip the group's largest weights.
 
     `fixed_scale` (for a solver that fixes the scale and optimizes only the zero point, as hqq's does):
     the scale is rounded to nearest, as hqq rounds it, and only the offset's neighbours are searched.
