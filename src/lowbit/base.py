@@ -146,12 +146,17 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
     def prepare_runtime(self, model) -> None:
         integration.prepare_runtime(model)
 
+    @property
+    def calibrates(self) -> bool:
+        """The config quantizes from calibration data (configs without `needs_calibration` never do)."""
+        return getattr(self.quantization_config, "needs_calibration", False)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         names = self.target_names(model)
         if self.pre_quantized:
             self.replace_for_reload(model, names, checkpoint_files)
             integration.verify_checkpoint(model, checkpoint_files)
-        elif getattr(self.quantization_config, "needs_calibration", False):
+        elif self.calibrates:
             # tokenized before the weights arrive, so that the tokenizer's transient (~200 MiB for
             # WikiText-2's validation text) never adds to the loaded model at the memory peak; on the
             # CPU explicitly, as the model is being built under a meta-device context
@@ -169,7 +174,6 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
         if self.pre_quantized:
             self.prepare_runtime(model)
             return model
-        calibrating = getattr(self.quantization_config, "needs_calibration", False)
-        with integration.blocks_returned_on_free() if calibrating else contextlib.nullcontext():
+        with integration.blocks_returned_on_free() if self.calibrates else contextlib.nullcontext():
             self.quantize(model)
         return model
