@@ -124,7 +124,8 @@ def markdown(res: dict) -> str:
              "|---|---|---|" + "---|" * len(projs)]
     for r in rows:
         lines.append(f"| {r['smoothing']} | {r['candidate']} | {r['mean_snr_db']:.2f} | "
-                     + " | ".join(f"{r['per_projection'][p]:.2f}" for p in projs) + " |")
+                     + " | ".join(f"{r['per_projection'][p]:.2f}" if p in r["per_projection"] else "n/a"
+                                  for p in projs) + " |")
     wins = {}
     for r in res["ranks"]:
         pairs = {}
@@ -136,7 +137,9 @@ def markdown(res: dict) -> str:
     lines.append(f"{res['model']}: held-out {res['holdout']}×{res['seqlen']} tokens, statistics from "
                  f"{res['nsamples']}×{res['seqlen']} calibration tokens ({Path(res['calibration']).name}). "
                  + "; ".join(f"ARHQ above SVDQuant in {w}/{n} layer-projections at rank {r}"
-                             for r, (w, n) in wins.items()) + ".")
+                             for r, (w, n) in wins.items()) + "."
+                 + (" n/a: the rank is not below min(in, out) for that projection." if any(
+                     len(r["per_projection"]) < len(projs) for r in rows) else ""))
     return "\n".join(lines) + "\n"
 
 
