@@ -12,7 +12,7 @@ def test_layer_by_layer_reproduces_the_forward_pass(tiny_qwen2):
     for index, layer, inputs in calibration.layer_by_layer(model, ids, batch_size=2, progress=False):
         seen.append(index)
         assert [h.shape[0] for h in inputs.hidden] == [2, 2, 1]
-    hidden = torch.cat(inputs.hidden)
+    hidden = torch.cat(list(inputs.hidden))
     with torch.no_grad():
         logits = model.lm_head(model.model.norm(hidden))
         ref = model(ids).logits
@@ -44,3 +44,25 @@ def test_gram_accumulated_by_blocks_equals_the_product():
     x = torch.randn(2 * calibration.GRAM_ROWS + 7, 48, dtype=torch.float64).to(torch.bfloat16)
     ref = x.double().T @ x.double()
     assert torch.allclose(calibration.gram(x).double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_offloaded_tensors_round_trip_and_refuse_a_different_shape():
+    store = calibration.OffloadedTensors()
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, 7, 5, generator=g).to(torch.bfloat16), torch.randn(1, 3, generator=g)]
+    for t in tensors:
+        store.append(t)
+    assert len(store) == 2 and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(store, tensors))
+    replacement = torch.randn(2, 7, 5, generator=g).to(torch.bfloat16)
+    store[0] = replacement
+    assert torch.equal(store[0], replacement) and torch.equal(store[1], tensors[1])
+    with pytest.raises(ValueError, match="slot 1 holds"):
+        store[1] = torch.zeros(1, 4)
+
+
+def test_batches_of_one_shape_share_their_position_embeddings(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    kwargs = calibration.capture_first_layer_inputs(model, ids, batch_size=2).kwargs
+    assert kwargs[0]["position_embeddings"] is kwargs[1]["position_embeddings"] is kwargs[2]["position_embeddings"]
+    assert not calibration._same(kwargs[0]["position_embeddings"], tuple(t[..., :-1] for t in kwargs[0]["position_embeddings"]))
