@@ -60,6 +60,18 @@ def test_offloaded_tensors_round_trip_and_refuse_a_different_shape():
         store[1] = torch.zeros(1, 4)
 
 
+def test_offloaded_tensors_fail_loudly_when_the_disk_takes_nothing(monkeypatch):
+    """A full disk makes pwrite/preadv return 0: the store must raise, not loop or keep garbage."""
+    store = calibration.OffloadedTensors()
+    store.append(torch.ones(4, 3))
+    monkeypatch.setattr(calibration.os, "pwrite", lambda *a: 0)
+    with pytest.raises(OSError, match="short write"):
+        store[0] = torch.zeros(4, 3)
+    monkeypatch.setattr(calibration.os, "preadv", lambda *a: 0)
+    with pytest.raises(OSError, match="short read"):
+        store[0]
+
+
 def test_batches_of_one_shape_share_their_position_embeddings(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))

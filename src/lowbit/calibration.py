@@ -113,7 +113,10 @@ class OffloadedTensors:
         data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         done = 0
         while done < len(data):
-            done += os.pwrite(self._file.fileno(), data[done:], offset + done)
+            n = os.pwrite(self._file.fileno(), data[done:], offset + done)
+            if n <= 0:
+                raise OSError(f"calibration activations: short write to {self._file.name}")
+            done += n
 
 
 @dataclass
