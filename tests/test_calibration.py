@@ -60,8 +60,9 @@ def test_offloaded_tensors_round_trip_and_refuse_a_different_shape():
         store[1] = torch.zeros(1, 4)
 
 
-def test_offloaded_tensors_fail_loudly_when_the_disk_takes_nothing(monkeypatch):
-    """A full disk makes pwrite/preadv return 0: the store must raise, not loop or keep garbage."""
+def test_offloaded_tensors_fail_loudly_on_zero_byte_io(monkeypatch):
+    """pwrite taking nothing, or preadv at the end of a truncated file, returns 0: the store must raise,
+    not loop forever or hand back an unfilled tensor."""
     store = calibration.OffloadedTensors()
     store.append(torch.ones(4, 3))
     monkeypatch.setattr(calibration.os, "pwrite", lambda *a: 0)
