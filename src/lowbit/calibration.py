@@ -97,25 +97,24 @@ class OffloadedTensors:
     def __getitem__(self, i: int) -> torch.Tensor:
         offset, shape, dtype, device = self._slots[i]
         out = torch.empty(shape, dtype=dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"calibration activations: short read from {self._file.name}")
-            done += n
+        self._transfer(lambda fd, b, at: os.preadv(fd, [b], at), out, offset, "short read from")
         return out.to(device)
 
     def __setitem__(self, i: int, tensor: torch.Tensor) -> None:
         offset, shape, dtype, _ = self._slots[i]
         if tensor.shape != shape or tensor.dtype != dtype:
             raise ValueError(f"slot {i} holds {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
-        data = memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        self._transfer(os.pwrite, tensor.detach().cpu().contiguous(), offset, "short write to")
+
+    def _transfer(self, io, tensor: torch.Tensor, offset: int, failure: str) -> None:
+        """All of `tensor`'s bytes through `io(fd, buffer, file offset) -> bytes moved` (pread/pwrite may
+        move fewer than asked; none at all means a truncated file or a full disk)."""
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         done = 0
-        while done < len(data):
-            n = os.pwrite(self._file.fileno(), data[done:], offset + done)
+        while done < len(view):
+            n = io(self._file.fileno(), view[done:], offset + done)
             if n <= 0:
-                raise OSError(f"calibration activations: short write to {self._file.name}")
+                raise OSError(f"calibration activations: {failure} {self._file.name}")
             done += n
 
 
