@@ -136,6 +136,7 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     import tempfile
 
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lowbit
@@ -203,7 +204,19 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     if args.kv_context:
         result["kv_cache_bytes"] = evaluate.kv_cache_bytes(model, args.kv_context)
     result["torch_threads"] = torch.get_num_threads()
+    result["date"] = time.strftime("%Y-%m-%d")
+    result["machine"] = _machine()
+    result["versions"] = {"lowbit": lowbit.__version__, "torch": torch.__version__,
+                          "transformers": transformers.__version__}
     return result
+
+
+def _machine() -> str:
+    """The CPU the cell ran on, as /proc/cpuinfo names it, and how many cores the process may use."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores available"
 
 
 def _bf16_bytes(model, path) -> int:
