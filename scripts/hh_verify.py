@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     calib = args.calib or (str(CALIBRATION) if CALIBRATION.exists() else None)
     try:
         config = householder.HouseholderConfig(
-            w_bits=args.w_bits, a_bits=args.a_bits, group_size=args.group_size, reflections=args.reflections,
+            bits=args.w_bits, act_bits=args.a_bits, group_size=args.group_size, reflections=args.reflections,
             pca_variance=args.pca_variance, steps=args.steps, lr=args.lr, nsamples=args.nsamples,
-            cali_bsz=args.cali_bsz, max_seq_len=args.max_seq_len, num_layers=args.num_layers, calibration=calib)
+            cali_bsz=args.cali_bsz, seqlen=args.max_seq_len, num_layers=args.num_layers, calibration=calib)
     except ValueError as err:
         print(f"hh_verify: error: {err}", file=sys.stderr)
         return 2
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     for prm in model.parameters():
         prm.requires_grad_(False)
     ids = householder.calibration_ids(model, config)
+    source = calib
+    if ids is None:
+        ids, source = householder.generated_calibration_ids(model, config), householder.GENERATED_SOURCE
     rows = []
     for index, layer, inputs in calibration.layer_by_layer(model, ids, config.cali_bsz, progress=False):
         if index >= args.num_layers:
@@ -80,7 +83,6 @@ def main(argv=None) -> int:
         lines.append(f"| {r['layer']} | {ks['qkv']} / {ks['o']} / {ks['gate_up']} / {ks['down']} | {r['error_none']:.4g} "
                      f"| {r['error_init']:.4g} | {r['error_opt']:.4g} | {r['error_opt'] / r['error_none']:.3f} "
                      f"| {r['seconds']:.0f} | {status} |")
-    source = config.calibration_source or calib
     lines.append(f"\n{args.model_path}: W{args.w_bits}A{args.a_bits} g{args.group_size}, {args.nsamples}×"
                  f"{args.max_seq_len} calibration tokens ({source}), {args.steps} Adam steps at lr {args.lr}, "
                  f"batch {args.cali_bsz}, device {args.device}.")

@@ -128,6 +128,7 @@ def test_smoothing_folds_without_changing_the_fp_model(tiny_llama_16):
         h.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs", [{"rank": 8, "smoothing": 0.5}, {"rank": 0}])
 def test_quantize_save_reload_in_a_fresh_process(tiny_llama_16, tmp_path, kwargs):
     cfg = lowbit.ArhqConfig(**kwargs, calibration=CALIBRATION_TEXTS, nsamples=4, seqlen=64)

@@ -68,7 +68,7 @@ def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
     ({"pca_variance": 0.0}, r"pca_variance must be in \(0, 1\], got 0.0"),
     ({"pca_variance": 1.5}, r"pca_variance must be in \(0, 1\], got 1.5"),
     ({"steps": -1}, r"steps must be an integer >= 0, got -1"),
-    ({"a_bits": 3}, r"a_bits must be one of \[4, 8, 16\], got 3"),
+    ({"act_bits": 3}, r"act_bits must be one of \[4, 8, 16\], got 3"),
     ({"lr": 0}, r"lr must be a positive number, got 0"),
 ])
 def test_bad_config(kwargs, match):
@@ -88,7 +88,7 @@ def test_too_many_reflections_and_unsupported_architecture_are_refused(tiny_llam
 
 
 def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
-    cfg = lowbit.HouseholderConfig(group_size=-1, steps=15, nsamples=4, cali_bsz=2, max_seq_len=64,
+    cfg = lowbit.HouseholderConfig(group_size=-1, steps=15, nsamples=4, cali_bsz=2, seqlen=64,
                                    num_layers=2, calibration=CALIBRATION_TEXTS * 4)
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
     report = []
@@ -101,8 +101,9 @@ def test_stories_optimization_beats_pca_init_beats_no_rotation(stories):
     assert all(torch.isfinite(m.householder_vectors).all() for m in rotations)
 
 
+@pytest.mark.slow
 def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
-    cfg = lowbit.HouseholderConfig(group_size=32, steps=4, nsamples=4, cali_bsz=2, max_seq_len=32,
+    cfg = lowbit.HouseholderConfig(group_size=32, steps=4, nsamples=4, cali_bsz=2, seqlen=32,
                                    calibration=CALIBRATION_TEXTS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.bfloat16, quantization_config=cfg)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -152,7 +153,7 @@ print(json.dumps({{"cls": type(layer.self_attn.q_proj).__name__, "k": layer.inpu
 
 
 def test_model_generated_calibration_is_said_so(tiny_llama_hh, caplog):
-    cfg = lowbit.HouseholderConfig(group_size=32, steps=0, nsamples=2, cali_bsz=2, max_seq_len=16)
+    cfg = lowbit.HouseholderConfig(group_size=32, steps=0, nsamples=2, cali_bsz=2, seqlen=16)
     with caplog.at_level("WARNING", logger="lowbit.householder"):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, quantization_config=cfg)
     assert "text sampled from the model itself" in caplog.text
@@ -162,7 +163,7 @@ def test_model_generated_calibration_is_said_so(tiny_llama_hh, caplog):
 def test_generate_pipeline_and_dequantize(tiny_llama_hh):
     from transformers import AutoTokenizer, pipeline
 
-    cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, steps=2, nsamples=2, cali_bsz=2, max_seq_len=32,
+    cfg = lowbit.HouseholderConfig(group_size=32, act_bits=16, steps=2, nsamples=2, cali_bsz=2, seqlen=32,
                                    calibration=CALIBRATION_TEXTS)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_hh, dtype=torch.float32, quantization_config=cfg)
     out = model.generate(random_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
@@ -171,7 +172,7 @@ def test_generate_pipeline_and_dequantize(tiny_llama_hh):
     text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
     assert text[0]["generated_text"].startswith("hello")
     ids = random_ids(model.config.vocab_size)
-    quantized = forward_logits(model, ids)  # a_bits=16: weights only, so dequantizing must not change the function
+    quantized = forward_logits(model, ids)  # act_bits=16: weights only, so dequantizing must not change the function
     model.dequantize()
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert torch.allclose(forward_logits(model, ids), quantized, atol=1e-3 * quantized.abs().max().item())
@@ -211,7 +212,7 @@ def test_gptq_onto_the_learned_grid_lowers_the_output_error():
     ratio = torch.full((out,), 0.9)
     made = {}
     for wq in ("rtn", "gptq"):
-        cfg = lowbit.HouseholderConfig(group_size=32, a_bits=16, weight_quantizer=wq)
+        cfg = lowbit.HouseholderConfig(group_size=32, act_bits=16, weight_quantizer=wq)
         made[wq] = householder.quantized_module(linear, cfg, rotation, weight_clip=ratio,
                                                 hessian=rotation.fold(rotation.fold(x.T @ x).T))
     assert torch.equal(made["rtn"].scale_offset, made["gptq"].scale_offset)  # the same learned grid

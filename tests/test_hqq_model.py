@@ -73,6 +73,7 @@ print(json.dumps({{"equal": torch.equal(logits, exp["logits"]), "lowbit_imported
 """
 
 
+@pytest.mark.slow
 def test_reload_in_fresh_process_without_import_lowbit_is_bit_identical(quantized):
     _, out, _ = quantized
     res = run_python(RELOAD.format(out=str(out), prelude="", imported=False))
@@ -80,6 +81,7 @@ def test_reload_in_fresh_process_without_import_lowbit_is_bit_identical(quantize
     assert "QuantLinear" in res["types"] and res["dtype"] == "torch.bfloat16"
 
 
+@pytest.mark.slow
 def test_reload_does_not_requantize(quantized):
     _, out, _ = quantized
     prelude = (

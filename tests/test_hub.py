@@ -52,6 +52,7 @@ def fake_hub(tmp_path):
     stop()
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_what_save_pretrained_writes_and_reloads(fake_hub, tiny_llama, tmp_path):
     local = str(tmp_path / "local")
     env = {**fake_hub, "HF_HOME": str(tmp_path / "hf-home-push")}

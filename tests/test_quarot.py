@@ -33,22 +33,22 @@ def _rel(a, b):
 @pytest.mark.parametrize("preset", ["w4a4kv4", "w4a8kv4", "w4a8kv8"])
 def test_presets(preset):
     cfg = lowbit.QuaRotConfig.from_preset(preset)
-    assert (cfg.w_bits, cfg.a_bits, cfg.kv_bits) == (4, int(preset[3]), int(preset[-1]))
+    assert (cfg.bits, cfg.act_bits, cfg.kv_bits) == (4, int(preset[3]), int(preset[-1]))
     assert cfg.to_dict()["quant_method"] == "lowbit_quarot"
     assert lowbit.QuaRotConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"a_bits": 3}, r"a_bits must be one of \[4, 8, 16\], got 3"),
+    ({"act_bits": 3}, r"act_bits must be one of \[4, 8, 16\], got 3"),
     ({"kv_bits": 5}, r"kv_bits must be one of \[4, 8, 16\], got 5"),
-    ({"w_bits": 2}, r"w_bits must be one of \[4, 8\], got 2"),
+    ({"bits": 2}, r"bits must be one of \[4, 8\], got 2"),
     ({"group_size": 48}, r"group_size must be one of \[32, 64, 128, -1\], got 48"),
     ({"rotation_method": "random"}, r"rotation_method must be one of \['hadamard', 'pca'\]"),
     ({"weight_quantizer": "gptq"}, r"weight_quantizer='gptq' needs calibration data"),
     ({"rotation_method": "pca"}, r"rotation_method='pca' needs calibration data"),
     ({"calibration": 3}, r"calibration must be None, a text file path"),
     ({"nsamples": 0}, r"nsamples must be a positive integer, got 0"),
-    ({"bits": 4}, r"unknown parameter\(s\) \['bits'\]"),
+    ({"nbits": 4}, r"unknown parameter\(s\) \['nbits'\]"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -221,7 +221,7 @@ def test_rotated_model_without_quantization_noise_is_close(tiny_llama_g32):
     """8-bit weights, no activation or KV quantization: QuaRot's model stays close to the fp model,
     so the rotation plumbing (norm fusion, residual/value/down_proj rotations, online Hadamard) holds."""
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32)
-    cfg = lowbit.QuaRotConfig(w_bits=8, a_bits=16, kv_bits=16, group_size=32)
+    cfg = lowbit.QuaRotConfig(bits=8, act_bits=16, kv_bits=16, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32, quantization_config=cfg)
     ids = random_ids(ref.config.vocab_size)
     assert _rel(forward_logits(model, ids), forward_logits(ref, ids)) < 0.01
@@ -241,6 +241,7 @@ def test_rotation_lowers_the_error_of_w4a4kv4(tiny_llama_g32):
     assert errors[True] < 0.7 * errors[False], errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,group", [("tiny_llama_g32", 32), ("tiny_qwen2_g32", 32), ("tiny_llama", -1)])
 def test_quantize_save_reload_in_a_fresh_process(request, tmp_path, arch, group):
     src = request.getfixturevalue(arch)
@@ -324,7 +325,7 @@ def test_gptq_and_pca_with_calibration(tiny_llama_g32, tmp_path):
     ids = AutoTokenizer.from_pretrained(tiny_llama_g32)(text.read_text()[:200], return_tensors="pt").input_ids
     errs = {}
     for wq, rot in [("rtn", "hadamard"), ("gptq", "hadamard"), ("rtn", "pca")]:
-        cfg = lowbit.QuaRotConfig(group_size=32, a_bits=8, kv_bits=8, weight_quantizer=wq, rotation_method=rot,
+        cfg = lowbit.QuaRotConfig(group_size=32, act_bits=8, kv_bits=8, weight_quantizer=wq, rotation_method=rot,
                                   calibration=str(text), nsamples=4, seqlen=64)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32, quantization_config=cfg)
         errs[wq, rot] = _rel(forward_logits(model, ids), forward_logits(ref, ids))
@@ -359,13 +360,13 @@ def test_cli_quarot_writes_the_tagged_folder(tiny_llama_g32, tmp_path, monkeypat
                  "--acts-bits", "4", "--kv-bits", "4", "--group-size", "32", "--rotation", "hadamard"]) == 0
     out = tmp_path / f"{tiny_llama_g32.name}-QuaRot_w4_g32_a4_kv4_headfp16"
     meta = json.loads((out / "quantization_metadata.json").read_text())
-    assert meta["method"] == "lowbit_quarot" and meta["settings"]["a_bits"] == 4
+    assert meta["method"] == "lowbit_quarot" and meta["settings"]["act_bits"] == 4
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--method", "quarot", "--acts-bits", "3"], r"a_bits must be one of \[4, 8, 16\], got 3"),
+    (["--method", "quarot", "--acts-bits", "3"], r"act_bits must be one of \[4, 8, 16\], got 3"),
     (["--method", "quarot", "--kv-bits", "5"], r"kv_bits must be one of \[4, 8, 16\], got 5"),
     (["--method", "quarot", "--weight-quantizer", "gptq"], "needs calibration data"),
     (["--method", "quarot", "--group-size", "64"], "group_size=64 does not divide"),
@@ -376,7 +377,7 @@ def test_cli_quarot_bad_input_writes_nothing(tiny_llama, tmp_path, capsys, args,
 
 
 def test_dequantize_folds_the_online_hadamard_back(tiny_llama_g32):
-    cfg = lowbit.QuaRotConfig(w_bits=4, a_bits=16, kv_bits=4, group_size=32)
+    cfg = lowbit.QuaRotConfig(bits=4, act_bits=16, kv_bits=4, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32, quantization_config=cfg)
     ids = random_ids(model.config.vocab_size)
     kvcache.uninstall(model)  # compare the weights alone

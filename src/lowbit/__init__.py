@@ -2,22 +2,22 @@
 
 `import lowbit` registers every lowbit method with transformers. Processes that never import lowbit
 get the same registration from `_lowbit_autoregister`, which the installed `.pth` file hooks in.
+Each method's config and quantizer (`lowbit.HqqConfig`, `lowbit.HqqHfQuantizer`, ...) are exported
+from its declaration in `registry`.
 """
 __version__ = "0.1.0"
 
 import transformers.quantizers.auto  # noqa: F401  (with the .pth hook installed, this already registers)
 
-from .registry import register_all
+from .registry import methods, register_all
 
 register_all()
 
-from .arhq import ArhqConfig, ArhqHfQuantizer  # noqa: E402
-from .householder import HouseholderConfig, HouseholderHfQuantizer  # noqa: E402
-from .hqq import HqqConfig, HqqHfQuantizer  # noqa: E402
 from .kvcache import QuantizedKVCache  # noqa: E402
 from .modules import Nvfp4Linear, QuantLinear  # noqa: E402
-from .quarot import QuaRotConfig, QuaRotHfQuantizer  # noqa: E402
 
-__all__ = ["__version__", "ArhqConfig", "ArhqHfQuantizer", "HouseholderConfig", "HouseholderHfQuantizer",
-           "HqqConfig", "HqqHfQuantizer", "Nvfp4Linear",
-           "QuaRotConfig", "QuaRotHfQuantizer", "QuantLinear", "QuantizedKVCache", "register_all"]
+_declared = [cls for m in methods().values() for cls in (m.config, m.quantizer)]
+globals().update({cls.__name__: cls for cls in _declared})
+
+__all__ = ["__version__", *sorted(cls.__name__ for cls in _declared), "Nvfp4Linear", "QuantLinear",
+           "QuantizedKVCache", "methods", "register_all"]

@@ -25,7 +25,7 @@ import logging
 import torch
 
 from . import calibration, integration, nvfp4, rotation
-from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
+from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
 from .modules import Nvfp4Linear
 
 logger = logging.getLogger(__name__)
@@ -252,3 +252,18 @@ class ArhqHfQuantizer(AfterLoadHfQuantizer):
 
     def quantize(self, model):
         quantize_model(model, self.quantization_config, calibration_ids=self.take_calibration_ids())
+
+
+METHOD = Method(
+    name="arhq", config=ArhqConfig, quantizer=ArhqHfQuantizer, title="ARHQ",
+    summary="NVFP4 weights and activations (E2M1 values, FP8 E4M3 scales per 16) with a low-rank branch in the "
+            "compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top singular "
+            "directions (SVDQuant).",
+    options=(Option("--rank", "rank", int, "rank of the low-rank branch, 0 = plain NVFP4 (default 128)"),
+             Option("--decomposition", "decomposition", str, "arhq (default, needs --calib) or svdquant"),
+             Option("--smoothing", "smoothing", float, "SmoothQuant migration strength alpha in [0, 1] "
+                    "(needs --calib)"),
+             *CALIBRATION_OPTIONS),
+    tag=lambda c: (f"{'ARHQ' if c.decomposition == 'arhq' else 'SVDQuant'}_nvfp4_r{c.rank}"
+                   + (f"_sq{c.smoothing:g}" if c.smoothing is not None else "")),
+)

@@ -1,7 +1,11 @@
-"""What every lowbit method shares on the transformers side: config validation and the quantizer."""
+"""What every lowbit method shares on the transformers side: the declaration that names a method to
+the rest of lowbit, config validation and the quantizer."""
 import contextlib
 import copy
 import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers.quantizers.base import HfQuantizer
@@ -15,13 +19,26 @@ logger = logging.getLogger(__name__)
 class LowbitConfig(QuantizationConfigMixin):
     """Base for lowbit configs: declarative fields, validated in `__init__` so bad input fails before any work.
 
-    Subclasses set `quant_method` and list their fields in `_fields` (name -> default)."""
+    Subclasses set `quant_method`, list their fields in `_fields` (name -> default) and may map names
+    from an earlier release to the current ones in `_renamed` (old -> new), which keep working with a
+    DeprecationWarning. Every config uses the same names for the same thing: `bits`, `act_bits`,
+    `kv_bits`, `group_size`, `calibration`, `nsamples`, `seqlen`, `seed`."""
 
     quant_method: str
     _fields: dict = {}
+    _renamed: dict = {}
 
     def __init__(self, **kwargs):
         kwargs.pop("quant_method", None)  # written by to_dict(), read back by from_dict()
+        for old, new in self._renamed.items():
+            if old not in kwargs:
+                continue
+            if new in kwargs:
+                raise ValueError(f"{type(self).__name__} got both {old!r} and {new!r}; {old!r} is the deprecated "
+                                 f"name of {new!r}: pass only {new!r}")
+            warnings.warn(f"{type(self).__name__}({old}=...) is deprecated, use {new}=...", DeprecationWarning,
+                          stacklevel=2)
+            kwargs[new] = kwargs.pop(old)
         unknown = sorted(set(kwargs) - set(self._fields))
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown parameter(s) {unknown}; "
@@ -31,6 +48,19 @@ class LowbitConfig(QuantizationConfigMixin):
             setattr(self, name, list(value) if isinstance(value, tuple) else value)
         self.quant_method = type(self).quant_method
         self.validate()
+
+    def __getattr__(self, name):  # only reached for names that are not attributes: the deprecated ones
+        renamed = type(self)._renamed
+        if name in renamed:
+            warnings.warn(f"{type(self).__name__}.{name} is deprecated, use .{renamed[name]}", DeprecationWarning,
+                          stacklevel=2)
+            return getattr(self, renamed[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing reads calibration data (then it is tokenized before the weights load)."""
+        return False
 
     def to_dict(self):
         d = super().to_dict()
@@ -44,9 +74,9 @@ class LowbitConfig(QuantizationConfigMixin):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {mods!r}")
 
 
-def check_calibration(config, seqlen_field: str = "seqlen") -> None:
+def check_calibration(config) -> None:
     """The calibration fields every calibrating method shares: calibration, nsamples, seqlen, seed."""
-    for name in ("nsamples", seqlen_field, "seed"):
+    for name in ("nsamples", "seqlen", "seed"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
@@ -74,7 +104,8 @@ class LowbitHfQuantizer(HfQuantizer):
     solver = "hqq"
 
     def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
+        # a copy: what quantizing records in the config (saved with the model) never reaches the caller's object
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.dtype = torch.bfloat16
 
     def is_serializable(self):
@@ -146,24 +177,23 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
     def prepare_runtime(self, model) -> None:
         integration.prepare_runtime(model)
 
-    @property
-    def calibrates(self) -> bool:
-        """The config quantizes from calibration data (configs without `needs_calibration` never do)."""
-        return getattr(self.quantization_config, "needs_calibration", False)
-
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         names = self.target_names(model)
         if self.pre_quantized:
             self.replace_for_reload(model, names, checkpoint_files)
             integration.verify_checkpoint(model, checkpoint_files)
-        elif self.calibrates:
+        elif self.quantization_config.needs_calibration:
             # tokenized before the weights arrive, so that the tokenizer's transient (~200 MiB for
             # WikiText-2's validation text) never adds to the loaded model at the memory peak; on the
             # CPU explicitly, as the model is being built under a meta-device context
             with torch.device("cpu"):
-                self._calibration_ids = calibration.model_calibration_ids(model, self.quantization_config)
+                self._calibration_ids = self.calibration_ids(model)
             integration.malloc_trim()()
         return model
+
+    def calibration_ids(self, model):
+        """The config's calibration tokens, prepared before the weights load."""
+        return calibration.model_calibration_ids(model, self.quantization_config)
 
     def take_calibration_ids(self):
         """The calibration tokens prepared before loading (None if the config needs none), released here."""
@@ -174,6 +204,44 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
         if self.pre_quantized:
             self.prepare_runtime(model)
             return model
-        with integration.blocks_returned_on_free() if self.calibrates else contextlib.nullcontext():
+        with integration.blocks_returned_on_free() if self.quantization_config.needs_calibration else contextlib.nullcontext():
             self.quantize(model)
         return model
+
+
+@dataclass(frozen=True)
+class Option:
+    """A `lowbit quantize` flag and the config field it sets. `type=None` makes an on/off flag; `convert`
+    maps the flag's value to the field's (applied to on/off flags whether given or not)."""
+
+    flag: str
+    field: str
+    type: Callable | None
+    help: str
+    convert: Callable | None = None
+
+
+CALIBRATION_OPTIONS = (
+    Option("--calib", "calibration", str, "calibration text file (or a datasets name when the Hub is reachable)"),
+    Option("--nsamples", "nsamples", int, "calibration windows"),
+    Option("--calib-seqlen", "seqlen", int, "tokens per calibration window"),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything the rest of lowbit knows about a method, declared once as `METHOD` in its module:
+    registration with transformers, the CLI's `--method` and flags, the output folder's tag, the
+    model card and the benchmark all read it (see `registry`)."""
+
+    name: str                      # `lowbit quantize --method NAME`
+    config: type                   # its LowbitConfig subclass; `config.quant_method` names it to transformers
+    quantizer: type                # its HfQuantizer subclass
+    title: str                     # in summaries and the model card
+    summary: str                   # one sentence for the model card
+    options: tuple = ()            # the `lowbit quantize` flags it reads
+    tag: Callable = None           # config -> the output folder's tag, e.g. "HQQ_w4_g64" (the CLI adds "_headfp16")
+
+    @property
+    def quant_method(self) -> str:
+        return self.config.quant_method

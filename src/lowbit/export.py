@@ -10,61 +10,25 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from . import registry
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "quantization_metadata.json"
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """How a method names its outputs and describes itself in the model card."""
-
-    title: str
-    summary: str
-
-
-METHODS = {
-    "lowbit_hqq": MethodInfo(
-        "HQQ", "calibration-free half-quadratic weight-only quantization, packed low-bit weights with a "
-        "scale and an offset per group of input channels, run on torch's int4 CPU kernel."),
-    "lowbit_quarot": MethodInfo(
-        "QuaRot", "Hadamard (or PCA) rotations fused into the weights so that weights, activations and the "
-        "KV cache quantize without outliers; packed weights, per-token quantized activations multiplied in "
-        "integers, and a packed KV cache."),
-    "lowbit_arhq": MethodInfo(
-        "ARHQ", "NVFP4 weights and activations (E2M1 values, FP8 E4M3 scales per 16) with a low-rank branch in "
-        "the compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top "
-        "singular directions (SVDQuant)."),
-    "lowbit_householder": MethodInfo(
-        "HH", "learned Householder rotations Q = Had·H_k…H_1 (PCA-initialised, optimized layer by layer with "
-        "learnable clipping) in front of each group of linears, applied at run time as k rank-1 updates; "
-        "packed weights and per-token quantized activations multiplied in integers."),
-}
-
-
 def naming_tag(config, head_kept: bool) -> str:
-    """The tag of the original tools: `HQQ_w4_g64[_headfp16]`, `QuaRot_w4_g64_a4_kv4[_gptq][_pca]_headfp16`
-    (a8 and kv8 are left out, as there); ours for ARHQ: `ARHQ|SVDQuant_nvfp4_r128[_sq0.5]_headfp16`, Householder: `HH_w4_g64_a8_headfp16`."""
-    title = METHODS[config.quant_method].title
-    if config.quant_method == "lowbit_quarot":
-        tag = f"{title}_w{config.w_bits}_g{config.group_size}"
-        tag += "".join(f"_{k}{b}" for k, b in (("a", config.a_bits), ("kv", config.kv_bits)) if b != 8)
-        tag += "_gptq" if config.weight_quantizer == "gptq" else ""
-        tag += "_pca" if config.rotation_method == "pca" else ""
-    elif config.quant_method == "lowbit_arhq":
-        tag = f"{'ARHQ' if config.decomposition == 'arhq' else 'SVDQuant'}_nvfp4_r{config.rank}"
-        tag += f"_sq{config.smoothing:g}" if config.smoothing is not None else ""
-    elif config.quant_method == "lowbit_householder":
-        tag = f"{title}_w{config.w_bits}_g{config.group_size}_a{config.a_bits}"
-    else:
-        tag = f"{title}_w{config.bits}_g{config.group_size}"
-    return tag + ("_headfp16" if head_kept else "")
+    """The method's tag for its output folder (`HQQ_w4_g64`), `_headfp16` when the head stays unquantized."""
+    return registry.method(config.quant_method).tag(config) + ("_headfp16" if head_kept else "")
+
+
+def head_kept(config, src: str) -> bool:
+    return "lm_head" in (config.modules_to_not_convert or []) or head_is_tied(src)
 
 
 def source_exists(src: str) -> bool:
@@ -155,8 +119,11 @@ def quantize_to_folder(src: str, dst: str, config, dtype=torch.bfloat16, overwri
         checkpoint_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         meta = {
             "method": config.quant_method,
-            "settings": config.to_dict(),
+            "settings": model.config.quantization_config.to_dict(),  # as saved, with what quantizing recorded
             "source": src,
+            "base_model": None if os.path.isdir(src) else src,
+            "license": source_license(src),
+            "command": command,
             "dtype": str(dtype).removeprefix("torch."),
             "seed": seed,
             "versions": {"lowbit": lowbit.__version__, "torch": torch.__version__,
@@ -169,7 +136,7 @@ def quantize_to_folder(src: str, dst: str, config, dtype=torch.bfloat16, overwri
             **sizes,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "README.md").write_text(render_model_card(meta, dst.name, command))
+        (tmp / "README.md").write_text(render_model_card(meta, dst.name))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -188,15 +155,54 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
-def render_model_card(meta: dict, name: str, command: str = "") -> str:
+def source_license(src: str) -> str | None:
+    """The license the source model's card declares (local folder or Hub), None when it declares none."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(os.path.join(src, "README.md") if os.path.isdir(src) else src)
+    except Exception:  # no card, no network: the license is unknown, not an error
+        return None
+    return card.data.license
+
+
+def _eval_results(evaluation: dict | None) -> list:
+    """model-index entries for what `lowbit eval` measured on the folder (perplexity)."""
+    from huggingface_hub import EvalResult
+
+    if not evaluation or "ppl" not in evaluation:
+        return []
+    ppl = evaluation["ppl"]
+    return [EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name=ppl["data"],
+                       metric_type="perplexity", metric_value=round(ppl["ppl"], 4),
+                       metric_config=_ppl_protocol(ppl), source_name="lowbit eval")]
+
+
+def _ppl_protocol(ppl: dict) -> str:
+    return (f"{ppl['windows']} windows of {ppl['seqlen']} tokens"
+            + (f", stride {ppl['stride']}" if ppl.get("protocol") == "stride" else "") + f", {ppl['tokens_scored']} tokens scored")
+
+
+def render_model_card(meta: dict, name: str) -> str:
+    """The model card: YAML metadata through huggingface_hub's ModelCardData, the body from the template."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     template = resources.files("lowbit.model_cards").joinpath("lowbit.md").read_text()
-    info = METHODS[meta["method"]]
-    src = meta["source"]
+    method = registry.method(meta["method"])
+    evaluation = meta.get("eval")
+    data = ModelCardData(base_model=meta.get("base_model"), license=meta.get("license"), library_name="transformers",
+                         tags=["lowbit", method.quant_method, "quantized"], model_name=name,
+                         eval_results=_eval_results(evaluation) or None)
+    src, base = meta["source"], meta.get("base_model")
     settings = {k: v for k, v in meta["settings"].items() if k != "quant_method"}
-    link = src if os.path.isdir(src) else f"https://huggingface.co/{src}"
-    return template.format(
-        name=name, base_model=src if not os.path.isdir(src) else os.path.basename(os.path.normpath(src)),
-        base_model_link=link, method_tag=meta["method"], method_title=info.title, method_summary=info.summary,
+    evaluation_md = ""
+    if evaluation and "ppl" in evaluation:
+        ppl = evaluation["ppl"]
+        evaluation_md = (f"\n## Evaluation (`lowbit eval`)\n\nPerplexity {ppl['ppl']:.3f} on {ppl['data']} "
+                         f"({_ppl_protocol(ppl)}), {evaluation['dtype']}.\n")
+    body = template.format(
+        name=name, source=f"[{base}](https://huggingface.co/{base})" if base else f"`{os.path.basename(os.path.normpath(src))}`",
+        method_title=method.title, method_summary=method.summary,
         settings_table="\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items()),
         bf16_bytes_h=_human(meta["bf16_bytes"]), checkpoint_bytes_h=_human(meta["checkpoint_bytes"]),
         linear_bf16_bytes_h=_human(meta["linear_bf16_bytes"]),
@@ -205,8 +211,26 @@ def render_model_card(meta: dict, name: str, command: str = "") -> str:
         layers_quantized=len(meta["layers_quantized"]), layers_kept=len(meta["layers_kept"]),
         dtype=meta["dtype"], seconds=meta["seconds"], lowbit_version=meta["versions"]["lowbit"],
         torch_version=meta["versions"]["torch"], transformers_version=meta["versions"]["transformers"],
-        repo_hint=name, command=command or "lowbit quantize ...",
+        repo_hint=name, command=meta.get("command") or "lowbit quantize ...", evaluation=evaluation_md,
     )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def record_evaluation(folder: str, evaluation: dict) -> bool:
+    """Put what `lowbit eval` measured into a lowbit output folder's metadata and model card (model-index).
+    Returns False, touching nothing, for a folder lowbit did not write."""
+    folder = Path(folder)
+    meta_file = folder / METADATA_FILE
+    if not meta_file.is_file():
+        return False
+    meta = json.loads(meta_file.read_text())
+    meta["eval"] = evaluation
+    card = render_model_card(meta, folder.name)
+    for target, text in ((meta_file, json.dumps(meta, indent=2) + "\n"), (folder / "README.md", card)):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    return True
 
 
 def summary(meta: dict, dst: str) -> str:
@@ -214,7 +238,7 @@ def summary(meta: dict, dst: str) -> str:
     s = {k: v for k, v in meta["settings"].items() if k != "quant_method"}
     ratio = meta["linear_packed_bytes"] / max(1, meta["linear_bf16_bytes"])
     lines = [
-        f"lowbit: {METHODS[meta['method']].title} done in {meta['seconds']:.1f} s",
+        f"lowbit: {registry.method(meta['method']).title} done in {meta['seconds']:.1f} s",
         f"  source      {meta['source']}",
         f"  output      {dst}",
         "  settings    " + ", ".join(f"{k}={v}" for k, v in s.items()),

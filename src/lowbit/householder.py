@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import calibration, integration, reflections, rotation
-from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
+from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
 from .modules import HouseholderRotation, QuantLinear, RotatedNorm
 from .quantize import quantize_gptq, quantize_rtn_ratio
 
@@ -43,33 +43,33 @@ GENERATED_SOURCE = "text sampled from the model itself (no calibration data reac
 
 
 class HouseholderConfig(LowbitConfig):
-    """Learned Householder rotations with learnable clipping, W{w_bits}A{a_bits}.
+    """Learned Householder rotations with learnable clipping, W{bits}A{act_bits}.
 
     Args:
-        w_bits: 4 or 8. a_bits: 4, 8 or 16 (16: weight-only).
+        bits: 4 or 8. act_bits: 4, 8 or 16 (16: weight-only).
         group_size: input channels per weight scale/offset (32, 64, 128; -1 = per output channel).
         weight_quantizer: "gptq" (GPTQ's error feedback onto the learned clipping grid; it needs nothing the
-            optimization has not already computed) or "rtn" (round to nearest on that grid). SmolLM2-135M
-            W4A8, 20 steps, before the Hadamard was added: 26.39 vs 30.39 perplexity.
+            optimization has not already computed) or "rtn" (round to nearest on that grid).
         reflections: k for every rotation (None: from `pca_variance`).
         pca_variance: in (0, 1]: k = the fewest principal axes explaining this share of the variance.
         steps, lr: Adam steps per decoder layer and their learning rate (0 steps: PCA init only).
-        nsamples, cali_bsz, max_seq_len: calibration windows, windows per step, tokens per window.
+        nsamples, cali_bsz, seqlen: calibration windows, windows per step, tokens per window.
         num_layers: optimize only the first N decoder layers (the rest keep their PCA init).
         calibration: a local text file, a list of strings, or a `datasets` name; None or unreachable:
             text sampled from the model, said so in the log and in `calibration_source`.
     """
 
     quant_method = "lowbit_householder"
-    _fields = {"w_bits": 4, "a_bits": 8, "group_size": 64, "weight_quantizer": "gptq", "reflections": None,
+    _fields = {"bits": 4, "act_bits": 8, "group_size": 64, "weight_quantizer": "gptq", "reflections": None,
                "pca_variance": 0.95,
-               "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "max_seq_len": 512, "num_layers": None,
+               "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "seqlen": 512, "num_layers": None,
                "calibration": None, "seed": 13, "modules_to_not_convert": ["lm_head"], "calibration_source": None}
+    _renamed = {"w_bits": "bits", "a_bits": "act_bits", "max_seq_len": "seqlen"}
 
     def validate(self):
         super().validate()
-        check_choice("w_bits", self.w_bits, (4, 8))
-        check_choice("a_bits", self.a_bits, (4, 8, 16))
+        check_choice("bits", self.bits, (4, 8))
+        check_choice("act_bits", self.act_bits, (4, 8, 16))
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("weight_quantizer", self.weight_quantizer, ("rtn", "gptq"))
         for name, low in (("reflections", 1), ("steps", 0), ("cali_bsz", 1), ("num_layers", 1)):
@@ -84,7 +84,11 @@ class HouseholderConfig(LowbitConfig):
             raise ValueError(f"pca_variance must be in (0, 1], got {pv!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        check_calibration(self, seqlen_field="max_seq_len")
+        check_calibration(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True  # with no calibration data, on text the model samples itself
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -123,20 +127,25 @@ def sample_text_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: i
     return out[:, :seqlen].cpu()
 
 
-def calibration_ids(model, config: HouseholderConfig) -> torch.Tensor:
+def calibration_ids(model, config: HouseholderConfig) -> torch.Tensor | None:
+    """The config's calibration tokens, or None when it names none or they are unusable (then the
+    model's own samples stand in: `sample_text_from_model`)."""
+    if config.calibration is None:
+        return None
+    try:
+        return calibration.model_calibration_ids(model, config)
+    except ValueError as err:
+        logger.warning("Householder: calibration %r unusable (%s)", config.calibration, err)
+        return None
+
+
+def generated_calibration_ids(model, config: HouseholderConfig) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    if config.calibration is not None:
-        try:
-            return calibration.calibration_ids(tokenizer, config.calibration, config.nsamples,
-                                               config.max_seq_len, config.seed)
-        except ValueError as err:
-            logger.warning("Householder: calibration %r unusable (%s)", config.calibration, err)
     logger.warning("Householder: calibrating on %s: %d x %d tokens", GENERATED_SOURCE, config.nsamples,
-                   config.max_seq_len)
-    config.calibration_source = GENERATED_SOURCE
-    return sample_text_from_model(model, tokenizer, config.nsamples, config.max_seq_len, config.seed)
+                   config.seqlen)
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return sample_text_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed)
 
 
 # ---------------------------------------------------------------- PCA initialisation
@@ -204,11 +213,11 @@ class _TrainingLinear(nn.Module):
         cfg, w, x = self.config, self.weight, x.float()
         if self.rot is not None:
             x, w = reflections.rotate(x, self.rot.vectors), reflections.rotate(w, self.rot.vectors)
-            if cfg.a_bits < 16:
-                x = fake_quantize_activations(x, cfg.a_bits, torch.sigmoid(self.rot.act_clip_logit))
-        elif cfg.a_bits < 16:
-            x = fake_quantize_activations(x, cfg.a_bits, torch.sigmoid(torch.tensor(INIT_CLIP_LOGIT)))
-        w = fake_quantize_weight(w, cfg.w_bits, self.group_size, torch.sigmoid(self.weight_clip_logit))
+            if cfg.act_bits < 16:
+                x = fake_quantize_activations(x, cfg.act_bits, torch.sigmoid(self.rot.act_clip_logit))
+        elif cfg.act_bits < 16:
+            x = fake_quantize_activations(x, cfg.act_bits, torch.sigmoid(torch.tensor(INIT_CLIP_LOGIT)))
+        w = fake_quantize_weight(w, cfg.bits, self.group_size, torch.sigmoid(self.weight_clip_logit))
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -318,11 +327,11 @@ def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: Hou
     `hessian`: Σxxᵀ of the rotated inputs (Q·C·Qᵀ), for weight_quantizer="gptq"."""
     gs = config.group_size_for(linear.in_features)
     if rotation is None:
-        return QuantLinear.from_linear(linear, config.w_bits, gs, solver="rtn_clip", act_bits=config.a_bits)
-    learned = config.a_bits < 16
+        return QuantLinear.from_linear(linear, config.bits, gs, solver="rtn_clip", act_bits=config.act_bits)
+    learned = config.act_bits < 16
     k = rotation.householder_vectors.shape[0] if owns_rotation else 0
-    module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.w_bits, gs,
-                         dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.a_bits,
+    module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.bits, gs,
+                         dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.act_bits,
                          input_transform="householder" if k else None, reflections=k, learned_act_clip=learned)
     rotated = rotation.fold(linear.weight.detach().float())  # W·Qᵀ
 
@@ -392,12 +401,18 @@ def unrotate(model) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model, config: HouseholderConfig, report: list | None = None) -> None:
-    """Optimize and quantize every targeted linear in place; `report` collects each layer's row."""
+def quantize_model(model, config: HouseholderConfig, report: list | None = None, ids: torch.Tensor | None = None
+                   ) -> str | None:
+    """Optimize and quantize every targeted linear in place; `report` collects each layer's row; `ids`:
+    the calibration tokens when already at hand. Returns `GENERATED_SOURCE` when the model's own samples
+    stood in for calibration data, else None."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
     progress = integration.progress_enabled()
-    ids = calibration_ids(model, config)
+    ids = calibration_ids(model, config) if ids is None else ids
+    source = None
+    if ids is None:
+        ids, source = generated_calibration_ids(model, config), GENERATED_SOURCE
     for p in model.parameters():
         p.requires_grad_(False)
     for index, layer, inputs in calibration.layer_by_layer(model, ids, config.cali_bsz, progress=progress):
@@ -408,6 +423,7 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None)
         if not isinstance(model.get_submodule(name), QuantLinear):
             integration.set_module(model, name, quantized_module(model.get_submodule(name), config))
     integration.prepare_runtime(model)
+    return source
 
 
 def _checkpoint_rotations(checkpoint_files) -> dict:
@@ -439,9 +455,9 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
                 raise ValueError(f"lowbit checkpoint is missing tensor '{holder}.rotation.householder_vectors': "
                                  f"the checkpoint is incomplete or was tampered with")
             k = ks[name] if holder == name else 0
-            return {"bits": cfg.w_bits, "group_size": cfg.group_size_for(linear.in_features),
-                    "act_bits": cfg.a_bits, "input_transform": "householder" if k else None,
-                    "reflections": k, "learned_act_clip": holder is not None and cfg.a_bits < 16}
+            return {"bits": cfg.bits, "group_size": cfg.group_size_for(linear.in_features),
+                    "act_bits": cfg.act_bits, "input_transform": "householder" if k else None,
+                    "reflections": k, "learned_act_clip": holder is not None and cfg.act_bits < 16}
 
         integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
         for name, k in ks.items():
@@ -451,10 +467,37 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
                 rotation = HouseholderRotation(k, width, dtype=self.dtype, device=norm.weight.device)
                 integration.set_module(model, name, RotatedNorm(norm, rotation))
 
+    def calibration_ids(self, model):
+        return calibration_ids(model, self.quantization_config)
+
     def quantize(self, model):
-        quantize_model(model, self.quantization_config)
+        # recorded in the quantizer's copy of the config, which is the one saved with the model
+        self.quantization_config.calibration_source = quantize_model(
+            model, self.quantization_config, ids=self.take_calibration_ids())
 
     def _dequantize(self, model, dtype=None):
         integration.dequantize_model(model, dtype or self.dtype)
         unrotate(model)
         return model
+
+
+METHOD = Method(
+    name="householder", config=HouseholderConfig, quantizer=HouseholderHfQuantizer, title="HH",
+    summary="learned Householder rotations Q = Had·H_k…H_1 (PCA-initialised, optimized layer by layer with "
+            "learnable clipping) in front of each group of linears, applied at run time as k rank-1 updates; "
+            "packed weights and per-token quantized activations multiplied in integers.",
+    options=(Option("--bits", "bits", int, "weight bits: 4 or 8 (default 4)"),
+             Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128, -1 = per "
+                    "channel (default 64)"),
+             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off) (default 8)"),
+             Option("--weight-quantizer", "weight_quantizer", str, "gptq (default) or rtn, both on the learned "
+                    "clipping grid"),
+             Option("--reflections", "reflections", int, "reflections per rotation (default: from --pca-variance)"),
+             Option("--pca-variance", "pca_variance", float, "share of variance the PCA init covers (default 0.95)"),
+             Option("--steps", "steps", int, "Adam steps per decoder layer (default 100)"),
+             Option("--lr", "lr", float, "learning rate (default 1e-3)"),
+             Option("--cali-bsz", "cali_bsz", int, "calibration windows per step (default 4)"),
+             Option("--num-layers", "num_layers", int, "optimize only the first N decoder layers"),
+             *CALIBRATION_OPTIONS),
+    tag=lambda c: f"HH_w{c.bits}_g{c.group_size}_a{c.act_bits}",
+)

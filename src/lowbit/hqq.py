@@ -1,5 +1,5 @@
 """HQQ: calibration-free half-quadratic weight-only quantization (2/3/4/8 bits)."""
-from .base import LowbitConfig, LowbitHfQuantizer, check_choice
+from .base import LowbitConfig, LowbitHfQuantizer, Method, Option, check_choice
 from .packing import SUPPORTED_BITS
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -26,3 +26,17 @@ class HqqConfig(LowbitConfig):
 
 class HqqHfQuantizer(LowbitHfQuantizer):
     solver = "hqq"
+
+
+METHOD = Method(
+    name="hqq", config=HqqConfig, quantizer=HqqHfQuantizer, title="HQQ",
+    summary="calibration-free half-quadratic weight-only quantization, packed low-bit weights with a scale and "
+            "an offset per group of input channels, run on torch's int4 CPU kernel.",
+    options=(Option("--bits", "bits", int, "weight bits: 2, 3, 4 or 8 (default 4)"),
+             Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128 or 256 "
+                    "(default 64)"),
+             Option("--keep-lm-head-fp16", "modules_to_not_convert", None,
+                    "keep the output head unquantized (a head tied to the embeddings always is)",
+                    convert=lambda keep: ["lm_head"] if keep else [])),
+    tag=lambda c: f"HQQ_w{c.bits}_g{c.group_size}",
+)

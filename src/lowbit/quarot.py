@@ -12,16 +12,16 @@ import logging
 import torch
 
 from . import calibration, hadamard, integration, kvcache, rotation
-from .base import AfterLoadHfQuantizer, LowbitConfig, check_calibration, check_choice
+from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
 from .modules import QuantLinear
 from .quantize import quantize_gptq
 
 logger = logging.getLogger(__name__)
 
 PRESETS = {
-    "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
-    "w4a8kv4": {"w_bits": 4, "a_bits": 8, "kv_bits": 4},
-    "w4a8kv8": {"w_bits": 4, "a_bits": 8, "kv_bits": 8},
+    "w4a4kv4": {"bits": 4, "act_bits": 4, "kv_bits": 4},
+    "w4a8kv4": {"bits": 4, "act_bits": 8, "kv_bits": 4},
+    "w4a8kv8": {"bits": 4, "act_bits": 8, "kv_bits": 8},
 }
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel (the whole row)
 CALIBRATION_BATCH = 1  # samples per forward while calibrating: a batch's MLP activations set the peak memory
@@ -32,8 +32,8 @@ class QuaRotConfig(LowbitConfig):
     packed KV cache.
 
     Args:
-        w_bits: weight bits, 4 or 8.
-        a_bits: activation bits, 4 or 8 (16 = activations stay in the compute dtype).
+        bits: weight bits, 4 or 8.
+        act_bits: activation bits, 4 or 8 (16 = activations stay in the compute dtype).
         kv_bits: KV cache bits, 4 or 8 (16 = an ordinary cache).
         group_size: input channels per weight scale/offset: 32, 64, 128, or -1 for one per output channel.
         rotation_method: "hadamard" (calibration-free) or "pca" (calibration activations' principal
@@ -46,9 +46,10 @@ class QuaRotConfig(LowbitConfig):
     """
 
     quant_method = "lowbit_quarot"
-    _fields = {"w_bits": 4, "a_bits": 4, "kv_bits": 4, "group_size": 64, "rotation_method": "hadamard",
+    _fields = {"bits": 4, "act_bits": 4, "kv_bits": 4, "group_size": 64, "rotation_method": "hadamard",
                "weight_quantizer": "rtn", "calibration": None, "nsamples": 128, "seqlen": 2048, "seed": 13,
                "modules_to_not_convert": ["lm_head"]}
+    _renamed = {"w_bits": "bits", "a_bits": "act_bits"}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "QuaRotConfig":
@@ -57,8 +58,8 @@ class QuaRotConfig(LowbitConfig):
 
     def validate(self):
         super().validate()
-        check_choice("w_bits", self.w_bits, (4, 8))
-        check_choice("a_bits", self.a_bits, (4, 8, 16))
+        check_choice("bits", self.bits, (4, 8))
+        check_choice("act_bits", self.act_bits, (4, 8, 16))
         check_choice("kv_bits", self.kv_bits, (4, 8, 16))
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("rotation_method", self.rotation_method, ("hadamard", "pca"))
@@ -85,8 +86,8 @@ def _is_down_proj(name: str) -> bool:
 def linear_spec(config: QuaRotConfig, rotate: bool = True):
     """`spec(name, linear)` for `integration.replace_with_quant_linear`: what each QuantLinear is."""
     def spec(name, linear):
-        return {"bits": config.w_bits, "group_size": config.group_size_for(linear.in_features),
-                "act_bits": config.a_bits,
+        return {"bits": config.bits, "group_size": config.group_size_for(linear.in_features),
+                "act_bits": config.act_bits,
                 "input_transform": "hadamard" if rotate and _is_down_proj(name) else None}
     return spec
 
@@ -229,3 +230,28 @@ class QuaRotHfQuantizer(AfterLoadHfQuantizer):
         model = integration.dequantize_model(model, dtype or self.dtype)
         rotation.fold_unrotated_norms(model)
         return model
+
+
+def _tag(c: QuaRotConfig) -> str:
+    """The original tool's tag: 8-bit activations and KV are left out, as there."""
+    tag = f"QuaRot_w{c.bits}_g{c.group_size}"
+    tag += "".join(f"_{k}{b}" for k, b in (("a", c.act_bits), ("kv", c.kv_bits)) if b != 8)
+    return tag + ("_gptq" if c.weight_quantizer == "gptq" else "") + ("_pca" if c.rotation_method == "pca" else "")
+
+
+METHOD = Method(
+    name="quarot", config=QuaRotConfig, quantizer=QuaRotHfQuantizer, title="QuaRot",
+    summary="Hadamard (or PCA) rotations fused into the weights so that weights, activations and the KV cache "
+            "quantize without outliers; packed weights, per-token quantized activations multiplied in integers, "
+            "and a packed KV cache.",
+    options=(Option("--bits", "bits", int, "weight bits: 4 or 8 (default 4)"),
+             Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128, -1 = per "
+                    "channel (default 64)"),
+             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off) (default 4)"),
+             Option("--kv-bits", "kv_bits", int, "KV cache bits: 4, 8 or 16 (off) (default 4)"),
+             Option("--rotation", "rotation_method", str, "hadamard (default) or pca (needs --calib)"),
+             Option("--weight-quantizer", "weight_quantizer", str, "rtn (default, clipping search) or gptq "
+                    "(needs --calib)"),
+             *CALIBRATION_OPTIONS),
+    tag=_tag,
+)
