@@ -63,6 +63,29 @@ def random_ids(vocab, shape=(2, 24), seed=1):
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@torch.no_grad()
+def greedy_without_cache(model, ids, new_tokens: int):
+    """The greedy continuation recomputed from scratch at every step (full forward, no KV cache): the
+    reference that `generate` (cached, incremental) must reproduce."""
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def check_generation(model, tok, reloaded=None, prompt="hello", new_tokens=6):
+    """Greedy `generate` equals the no-cache reference, and `pipeline` on `reloaded` (the same model after
+    save/reload, default: `model`) writes exactly those tokens."""
+    from transformers import pipeline
+
+    ids = tok(prompt, return_tensors="pt").input_ids
+    tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert torch.equal(tokens, greedy_without_cache(model, ids, new_tokens))
+    pipe = pipeline("text-generation", model=reloaded if reloaded is not None else model, tokenizer=tok)
+    out = pipe(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_tensors=True)
+    assert list(out[0]["generated_token_ids"]) == tokens[0].tolist()
+    return tokens
+
+
 def forward_logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXTS, build_tiny, cli_refuses, forward_logits, random_ids, run_python
+from conftest import CALIBRATION_TEXTS, build_tiny, check_generation, cli_refuses, forward_logits, random_ids, run_python
 from transformers import AutoModelForCausalLM
 
 import lowbit
@@ -174,16 +174,14 @@ def test_arhq_beats_svdquant_and_rank0_on_the_model(tiny_llama_16):
     assert errs["svdquant"] < errs["rank0"] and errs["arhq"] < errs["rank0"], errs
 
 
-def test_generate_and_pipeline(tiny_llama_16):
-    from transformers import AutoTokenizer, pipeline
+def test_generate_and_pipeline_after_reload_continue_as_before(tiny_llama_16, tmp_path):
+    from transformers import AutoTokenizer
 
     cfg = lowbit.ArhqConfig(rank=4, decomposition="svdquant")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_16, quantization_config=cfg)
-    out = model.generate(random_ids(model.config.vocab_size, (1, 6)), max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 12)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_16)
-    text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
-    assert text[0]["generated_text"].startswith("hello")
+    model.save_pretrained(tmp_path)
+    check_generation(model, AutoTokenizer.from_pretrained(tiny_llama_16),
+                     reloaded=AutoModelForCausalLM.from_pretrained(tmp_path))
 
 
 def test_dequantize_gives_the_layer_without_input_rounding(tiny_llama_16):

@@ -24,10 +24,15 @@ def test_calibration_ids_are_seeded_windows(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    text.write_text(" ".join(f"word{i}" for i in range(400)))  # no repeats: a window's tokens say where it starts
     a = calibration.calibration_ids(tok, str(text), nsamples=4, seqlen=32, seed=13)
     b = calibration.calibration_ids(tok, str(text), nsamples=4, seqlen=32, seed=13)
-    c = calibration.calibration_ids(tok, ["the quick brown fox jumps over the lazy dog."] * 40, 4, 32, seed=14)
-    assert a.shape == (4, 32) and torch.equal(a, b) and c.shape == (4, 32)
+    c = calibration.calibration_ids(tok, str(text), nsamples=4, seqlen=32, seed=14)
+    assert a.shape == c.shape == (4, 32) and torch.equal(a, b)
+    ids = tok(text.read_text(), return_tensors="pt").input_ids[0]
+    starts = {seed: [next(s for s in range(ids.numel() - 31) if torch.equal(ids[s:s + 32], w)) for w in windows]
+              for seed, windows in ((13, a), (14, c))}
+    assert starts[13] != starts[14]  # the seed picks the windows, and nothing else changes
 
 
 def test_calibration_errors(tiny_llama):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 import lowbit
 from lowbit import QuantLinear
 
-from conftest import run_python
+from conftest import check_generation, run_python
 
 PROMPT = "Once upon a time"
 
@@ -94,14 +94,9 @@ def test_reload_does_not_requantize(quantized):
     assert res["equal"]
 
 
-def test_generate_and_pipeline_produce_text(quantized):
+def test_generate_and_pipeline_from_the_saved_folder_continue_as_before_saving(quantized):
     _, out, model = quantized
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert gen.shape[1] == ids.shape[1] + 8
-    text = pipeline("text-generation", model=str(out))(PROMPT, max_new_tokens=8, do_sample=False)[0]["generated_text"]
-    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    check_generation(model, AutoTokenizer.from_pretrained(out), reloaded=str(out), prompt=PROMPT, new_tokens=8)
 
 
 def test_dequantize_returns_a_plain_model(quantized):
@@ -124,12 +119,24 @@ def test_device_map_auto_loads(quantized):
         assert torch.equal(model(exp["ids"]).logits, exp["logits"])
 
 
+def _greedy(model, tok, n):
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0]
+
+
+def test_stories_8bit_tells_the_float_model_s_story(stories):
+    tok = AutoTokenizer.from_pretrained(stories)
+    ref = _greedy(AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32), tok, 24)
+    model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32,
+                                                 quantization_config=lowbit.HqqConfig(bits=8, group_size=32))
+    assert torch.equal(_greedy(model, tok, 24), ref), tok.decode(ref)
+
+
 def test_stories_greedy_story_survives_4bit(stories, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.bfloat16,
                                                  quantization_config=lowbit.HqqConfig(bits=4, group_size=32))
     tok = AutoTokenizer.from_pretrained(stories)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    text = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
+    text = tok.decode(_greedy(model, tok, 12), skip_special_tokens=True)
     assert "Lily" in text, text
 
 

@@ -20,7 +20,7 @@ def test_importing_transformers_quantizers_registers_every_declared_method():
                      "print(json.dumps({k: [auto.AUTO_QUANTIZATION_CONFIG_MAPPING[k].__name__, "
                      "auto.AUTO_QUANTIZER_MAPPING[k].__name__] for k in auto.AUTO_QUANTIZER_MAPPING "
                      "if k.startswith('lowbit_')}))")
-    assert res == DECLARED and len(res) == 4
+    assert res == DECLARED
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from conftest import build_tiny, cli_refuses, forward_logits, random_ids, run_python
+from conftest import build_tiny, check_generation, cli_refuses, forward_logits, random_ids, run_python
 from transformers import AutoModelForCausalLM
 
 import lowbit
@@ -293,17 +293,15 @@ def test_cached_decoding_matches_a_full_forward(tiny_llama_g32):
     assert torch.allclose(stepwise, full, atol=1e-3 * full.abs().max().item())
 
 
-def test_generate_and_pipeline(tiny_llama_g32):
-    from transformers import AutoTokenizer, pipeline
+@pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])
+def test_generate_and_pipeline_after_reload_continue_as_before(tiny_llama_g32, tmp_path, preset):
+    from transformers import AutoTokenizer
 
-    cfg = lowbit.QuaRotConfig.from_preset("w4a8kv8", group_size=32)
+    cfg = lowbit.QuaRotConfig.from_preset(preset, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, quantization_config=cfg)
-    ids = random_ids(model.config.vocab_size, (1, 6))
-    out = model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 12)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_g32)
-    text = pipeline("text-generation", model=model, tokenizer=tok)("hello", max_new_tokens=4, do_sample=False)
-    assert text[0]["generated_text"].startswith("hello")
+    model.save_pretrained(tmp_path)
+    check_generation(model, AutoTokenizer.from_pretrained(tiny_llama_g32),
+                     reloaded=AutoModelForCausalLM.from_pretrained(tmp_path))
 
 
 def test_filled_foreign_cache_is_refused(tiny_llama_g32):
@@ -334,10 +332,29 @@ def test_gptq_and_pca_with_calibration(tiny_llama_g32, tmp_path):
 
 
 def test_pca_rotation_is_orthogonal_and_sorted(tiny_llama_g32):
+    """Q = U·H with U's columns the principal axes of the layers' (RMS-normalised) inputs, largest
+    variance first: checked against the inputs captured here by hooks on an ordinary forward."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_g32, dtype=torch.float32)
     ids = random_ids(model.config.vocab_size, (4, 32))
     q = quarot.pca_rotation(model, ids, progress=False)
     assert torch.allclose(q @ q.T, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-10)
+
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(
+        (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()), with_kwargs=True)
+        for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h in inputs]).double()
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    cov = x.T @ x
+    u = q @ hadamard.hadamard_matrix(q.shape[0], torch.float64).T
+    variance = torch.diagonal(u.T @ cov @ u)
+    eigenvalues = torch.linalg.eigvalsh(cov).flip(0)
+    assert torch.allclose(variance, eigenvalues, rtol=1e-6, atol=1e-6 * eigenvalues[0].item())
+    assert variance[0] > 2 * variance[-1]  # the test would not see a wrong order on flat data
 
 
 def test_stories_quantizes_and_reloads(stories, tmp_path):

@@ -175,7 +175,7 @@ def _eval_results(evaluation: dict | None) -> list:
     ppl = evaluation["ppl"]
     return [EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name=ppl["data"],
                        metric_type="perplexity", metric_value=round(ppl["ppl"], 4),
-                       metric_config=_ppl_protocol(ppl), source_name="lowbit eval")]
+                       metric_config=_ppl_protocol(ppl))]
 
 
 def _ppl_protocol(ppl: dict) -> str:
