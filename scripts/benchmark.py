@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""One comparison run: every method on the same models, side by side, in one run.
+"""One comparison run: every method on the same models, side by side, in one run; and the report.
 
-    python scripts/benchmark.py --models smollm2-135m qwen2.5-0.5b --out results/
-    python scripts/benchmark.py --methods QUAROT --seqlen 2048 --max-windows 4 --kv-context 4096 \
-        --out results/quarot --readme README.md --readme-marker quarot-results
-    python scripts/benchmark.py --methods ARHQ --seqlen 2048 --max-windows 4 --nsamples 16 \
-        --out results/arhq --readme README.md --readme-marker arhq-results
-    python scripts/benchmark.py --methods HH --seqlen 2048 --max-windows 4 --nsamples 16 \
-        --out results/householder --readme README.md --readme-marker hh-results
+    python scripts/benchmark.py --models smollm2-135m-perm qwen2.5-0.5b-perm --out results/hqq --max-windows 40
+    python scripts/benchmark.py --models smollm2-135m-perm qwen2.5-0.5b-perm --methods QUAROT --seqlen 2048 \
+        --max-windows 4 --kv-context 4096 --nsamples 16 --out results/quarot
+    python scripts/benchmark.py --methods ARHQ --seqlen 2048 --max-windows 4 --nsamples 16 --out results/arhq
+    python scripts/benchmark.py --methods HH --seqlen 2048 --max-windows 4 --nsamples 16 --out results/householder
+    python scripts/benchmark.py --report     # docs/results.md, the docs pages' tables, the README summary
+
+A result set is a folder results/<set>/ with its results.json (one cell per model and method);
+`--report` rebuilds every table and plot from those files alone.
 
 Methods (`--methods`, default: the first four at bits 4/3 and groups 64/128; `--methods QUAROT`: bf16,
 for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4; `--methods ARHQ`:
@@ -24,15 +26,18 @@ QuaRot RTN, QuaRot GPTQ and Householder):
   nvfp4-r0[-sq]         lowbit.ArhqConfig(rank=0): plain NVFP4 W4A4 [with smoothing, alpha --smoothing]
   svdquant-r128[-sq]    lowbit.ArhqConfig(rank=128, decomposition="svdquant") [with smoothing]
   arhq-r128[-sq]        lowbit.ArhqConfig(rank=128) [with smoothing] (calibration as for GPTQ)
-  hh-w4a8               lowbit.HouseholderConfig(w_bits=4, a_bits=8, group_size=--quarot-group), --hh-steps
+  hh-w4a8               lowbit.HouseholderConfig(bits=4, act_bits=8, group_size=--quarot-group), --hh-steps
                         Adam steps per layer on --hh-nsamples x --hh-seqlen calibration tokens
   hh-w4a8-gptq          the same, GPTQ onto the learned grid (weight_quantizer="gptq")
+  NAME:field=value,...  any registered method (lowbit.registry) with these config settings, e.g.
+                        hqq:bits=4,group_size=64 (values parsed as JSON, else taken as strings; a calibrating
+                        config gets --calib, --nsamples and --calib-seqlen unless the spec sets them)
 QuaRot's bits can also be given as quarot-wWaAkvK-rtn|gptq (e.g. quarot-w4a8kv16-rtn: no KV quantization).
 QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
 The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
 is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
 cell, and a cell already there is not recomputed (delete it, or pass --redo, to measure again).
-Writes results/results.json, results/results.md and results/*.png.
+Writes OUT/results.json, OUT/results.md and OUT/*.png.
 """
 import argparse
 import importlib.util
@@ -44,9 +49,9 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("LOWBIT_MODELS", Path.home() / ".cache" / "lowbit-models"))
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / \
-    "wikitext-2-raw-v1.test.rows.json"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wikitext-2-raw-v1.test.rows.json"
 CALIBRATION = WIKITEXT.parents[1] / "wikitext-2-tokens" / "valid.txt"
 DEFAULT_METHODS = ["bf16"] + [f"{m}-w{b}g{g}" for m in ("lowbit-hqq", "hqq", "rtn") for b in (4, 3) for g in (64, 128)]
 QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4a8kv8")
@@ -58,9 +63,24 @@ ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "ar
 
 
 def parse_method(spec: str, smoothing: float = 0.5):
-    """-> (method, bits, group, QuaRotConfig / ArhqConfig settings or None)."""
+    """-> (method, bits, group, config settings or None)."""
     if spec == "bf16":
         return "bf16", None, None, None
+    if ":" in spec:  # NAME:field=value,...: any declared method
+        from lowbit import registry
+
+        name, _, rest = spec.partition(":")
+        registry.method(name)  # an unknown name is an error here, before any cell runs
+        settings = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"--methods {spec!r}: expected field=value, got {item!r}")
+            try:
+                settings[key] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[key] = value
+        return name, settings.get("bits"), settings.get("group_size"), settings
     parts = spec.split("-")
     if parts[0] in ("nvfp4", "svdquant", "arhq"):
         rank = parts[1][1:] if len(parts) > 1 and parts[1].startswith("r") else ""
@@ -73,7 +93,7 @@ def parse_method(spec: str, smoothing: float = 0.5):
         m = re.fullmatch(r"w(\d+)a(\d+)", parts[1]) if len(parts) > 1 else None
         if not m or parts[2:] not in ([], ["gptq"]):
             raise ValueError(f"--methods: unknown Householder method {spec!r}; use hh-wWaA[-gptq], e.g. hh-w4a8")
-        return "hh", int(m[1]), None, {"w_bits": int(m[1]), "a_bits": int(m[2]),
+        return "hh", int(m[1]), None, {"bits": int(m[1]), "act_bits": int(m[2]),
                                        "weight_quantizer": "gptq" if parts[2:] else "rtn"}
     if parts[0] in ("quarot", "norot"):
         m = re.fullmatch(r"w(\d+)a(\d+)kv(\d+)", parts[1]) if len(parts) > 1 else None
@@ -83,13 +103,13 @@ def parse_method(spec: str, smoothing: float = 0.5):
             raise ValueError(f"--methods: unknown QuaRot method {spec!r}; use quarot-wWaAkvK-rtn|gptq[-pca] or "
                              f"norot-wWaAkvK-rtn|gptq (e.g. the presets w4a4kv4, w4a8kv4, w4a8kv8)")
         return parts[0], int(m[1]), None, {
-            "w_bits": int(m[1]), "a_bits": int(m[2]), "kv_bits": int(m[3]), "weight_quantizer": parts[2],
+            "bits": int(m[1]), "act_bits": int(m[2]), "kv_bits": int(m[3]), "weight_quantizer": parts[2],
             "rotation_method": "pca" if parts[3:] else "hadamard"}
     name, _, wg = spec.rpartition("-")
     if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
         raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG, rtn-wBgG, "
-                         f"quarot-PRESET-rtn|gptq[-pca], norot-PRESET-rtn|gptq, nvfp4-r0[-sq], svdquant-rN[-sq] or "
-                         f"arhq-rN[-sq]")
+                         f"quarot-PRESET-rtn|gptq[-pca], norot-PRESET-rtn|gptq, nvfp4-r0[-sq], svdquant-rN[-sq], "
+                         f"arhq-rN[-sq], hh-wWaA[-gptq] or NAME:field=value,... (NAME a lowbit method)")
     bits, group = wg[1:].split("g")
     return name, int(bits), int(group), None
 
@@ -144,23 +164,29 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     torch.manual_seed(0)
     path = resolve_model(model_name)
     method, bits, group, settings = parse_method(spec, args.smoothing)
+    from lowbit import registry
+
     calibration = {"calibration": str(args.calib), "nsamples": args.nsamples, "seqlen": args.calib_seqlen}
     config = None
-    if method in ("quarot", "norot"):
+    if ":" in spec:
+        cls = registry.method(method).config
+        config = cls(**{**{k: v for k, v in calibration.items() if k in cls._fields}, **settings})
+    elif method in ("quarot", "norot"):
         group = args.quarot_group
-        config = lowbit.QuaRotConfig(**settings, group_size=group, **calibration)
+        config = registry.method("quarot").config(**settings, group_size=group, **calibration)
     elif method == "hh":
         group = args.quarot_group
-        config = lowbit.HouseholderConfig(**settings, group_size=group, steps=args.hh_steps, calibration=str(args.calib),
-                                          nsamples=args.hh_nsamples, max_seq_len=args.hh_seqlen, cali_bsz=2)
+        config = registry.method("householder").config(
+            **settings, group_size=group, steps=args.hh_steps, calibration=str(args.calib), nsamples=args.hh_nsamples,
+            seqlen=args.hh_seqlen, cali_bsz=2)
     elif settings:
-        config = lowbit.ArhqConfig(**settings, **calibration)
+        config = registry.method("arhq").config(**settings, **calibration)
     rss_before = _rss_kib("VmRSS")
     start = time.perf_counter()
     with AnonPeak() as anon:
         if method == "lowbit-hqq":
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.bfloat16, quantization_config=lowbit.HqqConfig(bits=bits, group_size=group))
+                path, dtype=torch.bfloat16, quantization_config=registry.method("hqq").config(bits=bits, group_size=group))
         elif method == "norot":
             from lowbit import quarot
 
@@ -203,6 +229,7 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     result["speed"] = evaluate.decode_speed(model, new_tokens=args.new_tokens, repeats=args.repeats)
     if args.kv_context:
         result["kv_cache_bytes"] = evaluate.kv_cache_bytes(model, args.kv_context)
+        result["kv_context"] = args.kv_context
     result["torch_threads"] = torch.get_num_threads()
     result["date"] = time.strftime("%Y-%m-%d")
     result["machine"] = _machine()
@@ -269,19 +296,21 @@ def _mib(n):
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def write_report(results: dict, out: Path, args) -> None:
+def table(results: dict, models=None) -> str:
+    """The Markdown table of a result set's cells (`models`: only these), each row against its model's bf16."""
     rows = ["| model | method | bits/weight | ppl | decode tok/s (x bf16) | prefill tok/s | load+quantize s "
             "| checkpoint MiB (x bf16) | memory MiB | peak RSS increase: allocated / incl. mmapped source (x bf16 size) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    kv = any("kv_cache_bytes" in r for r in results.values())
+    cells = [r for r in results.values() if models is None or r["model"] in models]
+    kv = [r.get("kv_context") for r in cells if "kv_cache_bytes" in r]
     if kv:
-        rows = [rows[0] + f" KV cache MiB at {args.kv_context} tokens (x bf16) |", rows[1] + "---|"]
-    for model in sorted({r["model"] for r in results.values()}):
-        cells = [r for r in results.values() if r["model"] == model]
-        base = next((r for r in cells if r.get("method") == "bf16" and "error" not in r), None)
-        for r in sorted(cells, key=lambda r: (r["spec"] != "bf16", r["spec"])):
+        rows = [rows[0] + f" KV cache MiB at {'/'.join(map(str, sorted(set(kv))))} tokens (x bf16) |", rows[1] + "---|"]
+    for model in sorted({r["model"] for r in cells}):
+        mine = [r for r in cells if r["model"] == model]
+        base = next((r for r in mine if r.get("method") == "bf16" and "error" not in r), None)
+        for r in sorted(mine, key=lambda r: (r["spec"] != "bf16", r["spec"])):
             if "error" in r:
-                rows.append(f"| {model} | {r['spec']} | failed: {r['error'][:80]} |||||||")
+                rows.append(f"| {model} | {r['spec']} | failed: {r['error'][:80]} |||||||" + ("|" if kv else ""))
                 continue
             dec = r["speed"]["decode_tok_s"]
             ratio = f" ({dec / base['speed']['decode_tok_s']:.2f}x)" if base else ""
@@ -296,29 +325,97 @@ def write_report(results: dict, out: Path, args) -> None:
                 kvb, kv0 = r.get("kv_cache_bytes"), (base or {}).get("kv_cache_bytes")
                 row += f" {_mib(kvb)}{f' ({kvb / kv0:.3f}x)' if kvb and kv0 else ''} |"
             rows.append(row)
-    any_r = next((r for r in results.values() if "ppl" in r), None)
-    proto = (f"WikiText-2 test (rows joined with \"\\n\\n\"), {any_r['ppl']['windows']} non-overlapping windows of "
-             f"{any_r['ppl']['seqlen']} tokens ({any_r['ppl']['tokens_scored']} tokens scored)") if any_r else ""
-    speed = (f"greedy decode at batch 1, {any_r['speed']['new_tokens']} new tokens after a "
-             f"{any_r['speed']['prompt_len']}-token prompt, median of {any_r['speed']['repeats']}, "
-             f"{any_r['torch_threads']} CPU threads") if any_r else ""
-    md = "\n".join(rows) + f"\n\nPerplexity: {proto}. Speed: {speed}. lm_head in bf16 everywhere.\n"
-    (out / "results.md").write_text(md)
+    return "\n".join(rows) + "\n\n" + protocol(cells) + "\n"
+
+
+def protocol(cells) -> str:
+    """How the cells were measured: the perplexity and speed protocols, when, and on what."""
+    ok = [r for r in cells if "ppl" in r]
+    if not ok:
+        return ""
+    parts = []
+    for p in sorted({(r["ppl"]["windows"], r["ppl"]["seqlen"], r["ppl"]["tokens_scored"]) for r in ok}):
+        parts.append(f"{p[0]} non-overlapping windows of {p[1]} tokens ({p[2]} tokens scored)")
+    speeds = sorted({(r["speed"]["new_tokens"], r["speed"]["prompt_len"], r["speed"]["repeats"], r["torch_threads"])
+                     for r in ok})
+    dates = sorted({r.get("date", "not recorded") for r in ok})
+    machines = sorted({r.get("machine", "not recorded") for r in ok})
+    return (f"Perplexity: WikiText-2 test (rows joined with \"\\n\\n\"), {'; '.join(parts)}. Speed: greedy decode at "
+            f"batch 1, " + "; ".join(f"{n} new tokens after a {p}-token prompt, median of {k}, {t} CPU thread"
+                                     f"{'s' if t > 1 else ''}" for n, p, k, t in speeds)
+            + f". lm_head in bf16 everywhere. Measured: {', '.join(dates)}; machine: {'; '.join(machines)}.")
+
+
+def write_report(results: dict, out: Path) -> None:
+    (out / "results.md").write_text(table(results))
     _plots(results, out)
 
 
-def update_readme(readme: Path, out: Path, marker: str = "results") -> None:
-    """Replace the block between the `marker` markers of the README with the table and the plots."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = readme.read_text()
+# which rows the README summary shows, per set, when they were measured on the benchmark models
+SUMMARY = {"hqq": ["lowbit-hqq-w4g64", "lowbit-hqq-w3g64", "hqq-w4g64", "rtn-w4g64"],
+           "quarot": ["quarot-w4a8kv8-rtn", "quarot-w4a8kv8-gptq", "quarot-w4a4kv4-gptq"],
+           "arhq": ["arhq-r128", "svdquant-r128", "nvfp4-r0"],
+           "householder": ["hh-w4a8-gptq", "hh-w4a4-gptq"]}
+BENCHMARK_MODELS = ("smollm2-135m-perm", "qwen2.5-0.5b-perm")
+
+
+def _replace_block(path: Path, name: str, body: str) -> None:
+    start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+    text = path.read_text()
     if start not in text or end not in text:
-        raise SystemExit(f"--readme {readme}: no {start} ... {end} block to fill")
-    rel = os.path.relpath(out, readme.parent)
-    block = (f"{start}\n{(out / 'results.md').read_text()}\n"
-             f"![perplexity vs bits per weight]({rel}/ppl_vs_bpw.png)\n"
-             f"![decode tokens/s vs bits per weight]({rel}/decode_vs_bpw.png)\n{end}")
+        raise SystemExit(f"{path}: no {start} ... {end} block to fill")
     head, _, rest = text.partition(start)
-    readme.write_text(head + block + rest.partition(end)[2])
+    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{rest.partition(end)[2]}")
+
+
+def report(results_dir: Path, docs: Path, readme: Path) -> None:
+    """docs/results.md in full, each method page's block and the README summary, from results/*/results.json."""
+    from lowbit.registry import METHOD_MODULES
+
+    order = {name: i for i, name in enumerate(METHOD_MODULES)}
+    files = sorted(results_dir.glob("*/results.json"), key=lambda p: (order.get(p.parent.name, len(order)), p))
+    sets = {p.parent.name: json.loads(p.read_text()) for p in files}
+    rel = os.path.relpath(results_dir, docs)
+    page = ["# Results", "",
+            "Generated by `python scripts/benchmark.py --report` from `results/*/results.json`; do not edit by hand. "
+            "Each table says when and on which machine its cells were measured. Benchmark models: "
+            "`../shared/bin/get-models`. The `-perm` models have their channels permuted (the same function, "
+            "weights off the 4-bit GGUF grid the originals were dequantized from): those tables are the "
+            "comparison. The original models' tables are kept below them, labelled; their grid flatters "
+            "plain 4-bit rounding.", ""]
+    for name, results in sets.items():
+        results = {k: v for k, v in results.items() if "spec" in v}
+        write_report(results, results_dir / name)
+        perm = sorted({r["model"] for r in results.values() if r["model"] in BENCHMARK_MODELS})
+        original = sorted({r["model"] for r in results.values()} - set(perm))
+        page += [f"## {name}", "", f"`results/{name}/results.json`", ""]
+        if perm:
+            page += ["### Permuted models", "", table(results, perm)]
+        if original:
+            page += ["### Original models (dequantized from 4-bit GGUF files; not comparable with the permuted ones)", "",
+                     table(results, original)]
+        page += [f"![perplexity vs bits per weight]({rel}/{name}/ppl_vs_bpw.png)",
+                 f"![decode tokens/s vs bits per weight]({rel}/{name}/decode_vs_bpw.png)", ""]
+        method_page = docs / f"{name}.md"
+        if method_page.exists():
+            body = table(results, perm) if perm else "Not yet measured on the permuted models."
+            body += (f"\nThe original models' rows: [results.md](results.md#{name})." if original else "")
+            _replace_block(method_page, name, body)
+    (docs / "results.md").write_text("\n".join(page))
+    summary = ["| set | model | method | bits/weight | ppl (x bf16) | decode (x bf16) |", "|---|---|---|---|---|---|"]
+    for name, specs in SUMMARY.items():
+        results = sets.get(name, {})
+        for model in BENCHMARK_MODELS:
+            base = results.get(f"{model}|bf16")
+            for spec in specs:
+                r = results.get(f"{model}|{spec}")
+                if not r or "error" in r or not base or "error" in base:
+                    continue
+                summary.append(f"| [{name}](docs/{name}.md) | {model} | {spec} | {r['bits_per_weight']:.2f} | "
+                               f"{r['ppl']['ppl']:.2f} ({r['ppl']['ppl'] / base['ppl']['ppl']:.2f}x) | "
+                               f"{r['speed']['decode_tok_s'] / base['speed']['decode_tok_s']:.2f}x |")
+    _replace_block(readme, "summary", "\n".join(summary) + "\n\nbf16 rows, every other setting, the protocols and "
+                   "the machine: [docs/results.md](docs/results.md).")
 
 
 def _plots(results: dict, out: Path) -> None:
@@ -332,9 +429,11 @@ def _plots(results: dict, out: Path) -> None:
     if not models:
         return
     colors_by_bits = ("lowbit-hqq", "hqq", "rtn")  # labelled by their wBgG suffix, the others by the rest of the spec
-    colors = {"bf16": "black", "lowbit-hqq": "tab:blue", "hqq": "tab:orange", "rtn": "tab:green",
-              "quarot": "tab:purple", "norot": "tab:red", "nvfp4": "tab:gray", "svdquant": "tab:olive",
-              "arhq": "tab:cyan", "hh": "tab:brown"}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:gray", "tab:olive", "tab:cyan",
+               "tab:brown", "tab:pink"]
+    colors = {"bf16": "black"}
+    for method in sorted({r["method"] for r in ok} - {"bf16"}):
+        colors[method] = palette[(len(colors) - 1) % len(palette)]
     for key, label, fname, log in (("ppl", "WikiText-2 perplexity", "ppl_vs_bpw.png", True),
                                    ("decode", "decode tokens/s (batch 1)", "decode_vs_bpw.png", False)):
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
@@ -364,9 +463,9 @@ def _plots(results: dict, out: Path) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
+    p.add_argument("--models", nargs="+", default=list(BENCHMARK_MODELS))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "hqq", help="the result set's folder")
     p.add_argument("--ppl-data", type=Path, default=WIKITEXT)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
@@ -383,14 +482,20 @@ def main():
     p.add_argument("--kv-context", type=int, default=0, help="also measure the KV cache bytes after a prefill "
                    "of this many tokens (0: skip)")
     p.add_argument("--redo", action="store_true", help="recompute cells already in results.json")
-    p.add_argument("--readme", type=Path, help="also write the table and plots into this README's results block")
-    p.add_argument("--readme-marker", default="results", help="which block: <!-- MARKER:start --> ... :end -->")
+    p.add_argument("--report", action="store_true", help="run nothing: rebuild docs/results.md, the tables in "
+                   "docs/<set>.md and the README summary from results/*/results.json")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.cell:
         model, spec = json.loads(args.cell)
         print(json.dumps(run_cell(model, spec, args)))
+        return 0
+    if importlib.util.find_spec("matplotlib") is None:  # the plots, after every cell has run
+        raise SystemExit("the report's plots need matplotlib: pip install '.[bench]'")
+    if args.report:
+        report(ROOT / "results", ROOT / "docs", ROOT / "README.md")
+        print(f"wrote {ROOT / 'docs' / 'results.md'}, the docs pages' tables and the README summary")
         return 0
 
     args.methods = {"QUAROT": QUAROT_METHODS, "ARHQ": ARHQ_METHODS, "HH": HH_METHODS}.get(" ".join(args.methods),
@@ -401,8 +506,6 @@ def main():
         resolve_model(m)
     if not args.ppl_data.exists():
         raise SystemExit(f"--ppl-data {args.ppl_data} does not exist")
-    if importlib.util.find_spec("matplotlib") is None:  # needed by the report, after every cell has run
-        raise SystemExit("the report's plots need matplotlib: pip install '.[bench]'")
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -427,9 +530,7 @@ def main():
         results_file.write_text(json.dumps(results, indent=1) + "\n")
         tqdm.write(f"{model} {spec}: " + ("failed: " + results[f'{model}|{spec}']['error']
                                           if "error" in results[f"{model}|{spec}"] else "done"))
-    write_report(results, args.out, args)
-    if args.readme:
-        update_readme(args.readme, args.out, args.readme_marker)
+    write_report(results, args.out)
     print((args.out / "results.md").read_text())
     return 0
 

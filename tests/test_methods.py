@@ -187,3 +187,53 @@ def test_lowbit_eval_leaves_a_folder_it_did_not_write_alone(stories, tmp_path):
     assert cli.main(["eval", "-q", "--model", str(stories), "--tasks", "ppl", "--ppl-data", str(data),
                      "--seqlen", "64"]) == 0
     assert sorted(p.name for p in stories.iterdir()) == before
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_runs_any_declared_method_by_name():
+    bench = _benchmark()
+    assert bench.parse_method("hqq:bits=3,group_size=128") == ("hqq", 3, 128, {"bits": 3, "group_size": 128})
+    assert bench.parse_method("quarot:rotation_method=pca")[3] == {"rotation_method": "pca"}
+    with pytest.raises(ValueError, match="unknown lowbit method 'nope'"):
+        bench.parse_method("nope:bits=4")
+    with pytest.raises(ValueError, match="expected field=value, got 'bits'"):
+        bench.parse_method("hqq:bits")
+
+
+def test_the_report_is_rebuilt_from_the_result_files_alone(tmp_path):
+    import shutil
+
+    bench = _benchmark()
+    root = tmp_path
+    (root / "results" / "hqq").mkdir(parents=True)
+    shutil.copy(bench.ROOT / "results" / "hqq" / "results.json", root / "results" / "hqq" / "results.json")
+    cells = json.loads((root / "results" / "hqq" / "results.json").read_text())
+    perm = {f"smollm2-135m-perm|{k.split('|')[1]}": {**v, "model": "smollm2-135m-perm", "date": "2026-12-04",
+                                                     "machine": "test CPU"}
+            for k, v in cells.items() if k.startswith("smollm2-135m|")}
+    (root / "results" / "hqq" / "results.json").write_text(json.dumps({**cells, **perm}))
+    (root / "docs").mkdir()
+    block = "<!-- results:{0}:start -->\nold\n<!-- results:{0}:end -->\n"
+    (root / "docs" / "hqq.md").write_text("# HQQ\n" + block.format("hqq") + "after\n")
+    (root / "README.md").write_text("# r\n" + block.format("summary"))
+    bench.report(root / "results", root / "docs", root / "README.md")
+
+    page = (root / "docs" / "results.md").read_text()
+    assert "## hqq" in page and "### Permuted models" in page and "### Original models" in page
+    assert "Measured: 2026-12-04; machine: test CPU." in page and "Measured: not recorded" in page
+    hqq_page = (root / "docs" / "hqq.md").read_text()
+    assert "old" not in hqq_page and hqq_page.endswith("after\n")
+    assert "| smollm2-135m-perm | lowbit-hqq-w4g64 |" in hqq_page and "| smollm2-135m |" not in hqq_page
+    ppl = perm["smollm2-135m-perm|lowbit-hqq-w4g64"]["ppl"]["ppl"]
+    assert f"| smollm2-135m-perm | lowbit-hqq-w4g64 | 4.50 | {ppl:.2f} (" in (root / "README.md").read_text()
+    assert (root / "results" / "hqq" / "ppl_vs_bpw.png").stat().st_size > 0
