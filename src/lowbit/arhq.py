@@ -76,7 +76,7 @@ def quantized_names(model, config: ArhqConfig) -> list[str]:
     """The linears that become Nvfp4Linear: those the config targets whose input width NVFP4's blocks
     tile and whose smaller side exceeds the rank (deterministic rules, so quantize and reload agree).
     A rank-r branch of a matrix with min(in, out) ≤ r is the whole matrix: the compute dtype holds it
-    exactly and in fewer bytes (Qwen2.5-0.5B's k_proj/v_proj, 896 -> 128, at rank 128)."""
+    exactly and in fewer bytes (e.g. a grouped-query model's narrow k_proj/v_proj at a large rank)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     tiled = [n for n in names if model.get_submodule(n).in_features % nvfp4.BLOCK_SIZE == 0]
     side = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in tiled}
@@ -107,7 +107,7 @@ def _keeps_smooth_scale(config: ArhqConfig, name: str) -> bool:
 @torch.no_grad()
 def hessian_roots(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(G^{1/2}, G^{-1/2}) of the damped G, in float32 (the damping keeps its condition number within
-    what float32 resolves; float64 would cost minutes per layer at Qwen2.5-0.5B's width 4864)."""
+    what float32 resolves; float64 eigendecompositions of MLP-wide matrices are many times slower)."""
     e, v = torch.linalg.eigh(hessian.float())
     e = e.clamp_min(e.max().clamp_min(1e-30) * 1e-7)  # channels that never fire, and eigh's own rounding
     return (v * e.sqrt()) @ v.T, (v * e.rsqrt()) @ v.T

@@ -183,9 +183,9 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
             self.replace_for_reload(model, names, checkpoint_files)
             integration.verify_checkpoint(model, checkpoint_files)
         elif self.quantization_config.needs_calibration:
-            # tokenized before the weights arrive, so that the tokenizer's transient (~200 MiB for
-            # WikiText-2's validation text) never adds to the loaded model at the memory peak; on the
-            # CPU explicitly, as the model is being built under a meta-device context
+            # tokenized before the weights arrive, so that the tokenizer's transient (hundreds of MiB for
+            # a long calibration text) never adds to the loaded model at the memory peak; on the CPU
+            # explicitly, as the model is being built under a meta-device context
             with torch.device("cpu"):
                 self._calibration_ids = self.calibration_ids(model)
             integration.malloc_trim()()

@@ -74,8 +74,8 @@ class _Captured(Exception):
 class OffloadedTensors:
     """A list of tensors kept in an unlinked temporary file (in `tempfile.gettempdir()`), each read back
     when indexed. Calibration activations live there rather than in the process: with the default
-    128 samples of 2048 tokens they weigh 1.17x SmolLM2-135M's bf16 weights (0.39x Qwen2.5-0.5B's),
-    and in the page cache the kernel can write them out instead of adding them to the peak."""
+    128 samples of 2048 tokens they can outweigh a small model's weights, and in the page cache the
+    kernel can write them out instead of adding them to the peak."""
 
     def __init__(self):
         self._file = tempfile.TemporaryFile(prefix="lowbit-activations-")

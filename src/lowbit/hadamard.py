@@ -150,8 +150,8 @@ ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's float32 copies st
 
 def transform_activations(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`hadamard_transform` of activations at run time: computed in float32 a block of rows at a time,
-    returned in x's dtype (whole-tensor float32 copies made a 2048-token prefill of SmolLM2-135M's
-    down_proj input cost 3x its size in temporaries)."""
+    returned in x's dtype (whole-tensor float32 copies of a long prefill's MLP activations would cost
+    several times their size in temporaries)."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], ACTIVATION_ROWS):

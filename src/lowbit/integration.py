@@ -80,7 +80,7 @@ def prepare_runtime(model: nn.Module) -> None:
 
     Repacking allocates the new layout beside the old one layer by layer; without a trim, glibc keeps
     the freed blocks between the long-lived ones and the process ends up holding more than the bf16
-    model (SmolLM2-135M: 386 MiB peak vs 283 MiB with the trim)."""
+    model."""
     trim = malloc_trim()
     for _, module in quant_linears(model):
         module.prepare_runtime()
@@ -112,10 +112,9 @@ def blocks_returned_on_free():
     freed.
 
     glibc raises that threshold to the size of each large block freed (up to 32 MiB); from then on a
-    layer's activations come from the heap, whose freed holes stay resident and add to the peak
-    (SmolLM2-135M GPTQ: the first calibrated layer peaked 124 MiB above the memory held before it,
-    64 MiB with this). Mapping and faulting every block costs time where there are many small ones
-    (RTN quantize-on-load of SmolLM2-135M: 2.5x slower), so methods without calibration run without
+    layer's activations come from the heap, whose freed holes stay resident and add to the peak.
+    Mapping and faulting every block costs time where there are many small ones (quantize-on-load
+    without calibration is several times slower with it), so methods without calibration run without
     it. On exit the threshold is left where the adaptive one ends up after loading a model (setting it
     once turns the adaptation off), so inference allocates as it would have."""
     libc = _libc()

@@ -12,8 +12,8 @@ stored as `scale_offset` [groups, out, 2], the layout torch's int4 kernels read 
 
 Quantizers work on blocks of rows of about `BLOCK_ELEMENTS` weights, writing into outputs allocated
 up front: the fp32 temporaries stay small and of one size, which keeps the heap from fragmenting
-while a whole model is quantized on load (with whole-matrix temporaries, glibc kept more than the
-bf16 model's size of freed memory on Qwen2.5-0.5B).
+while a whole model is quantized on load (with whole-matrix temporaries, glibc can keep as much
+freed memory as the bf16 model's size).
 """
 import torch
 
@@ -81,8 +81,8 @@ def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_sc
 
     `fixed_scale` (for a solver that fixes the scale and optimizes only the zero point, as hqq's does):
     the scale is rounded to nearest, as hqq rounds it, and only the offset's neighbours are searched.
-    The free search shrinks most of those scales by one step (71-78% of Qwen2.5-0.5B's groups), and
-    that costs perplexity there: HQQ w4 g128 47.79 free, 47.60 fixed (hqq's own 47.61; 40×512 windows)."""
+    A free search would shrink most of those scales by one step, clipping each group's largest weights,
+    and cost perplexity."""
     if dtype == torch.float32:
         return scale_offset
     g = _grouped(w, group_size)
@@ -175,9 +175,8 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
     """Half-quadratic quantization: hqq's proximal solver with hqq's own default settings picks codes,
     scale and zero point per group; they are stored as scale and offset = (2^(bits−1) − zero)·scale.
 
-    A least-squares refit of scale and offset would lower ‖W − Ŵ‖² a further ~7%, but it does so by
-    shrinking the range and clipping the largest weights of each group, and perplexity suffers
-    (Qwen2.5-0.5B, 3 bits, group 128, 10×512 windows: 83.6 as hqq's fit, 108.0 refit)."""
+    A least-squares refit of scale and offset would lower ‖W − Ŵ‖² further, but it does so by
+    shrinking the range and clipping the largest weights of each group, and perplexity suffers."""
     from hqq.core.quantize import Quantizer, hqq_base_quant_config
 
     out = w.shape[0]
@@ -268,7 +267,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     if grid is not None and not act_order:
         raise ValueError("a fixed grid needs act_order=True (in storage order each group is fitted as reached)")
     W = w.float().clone()
-    # [in, in] matrices are the memory peak (Qwen2.5-0.5B's down_proj: 95 MB each): at most two are alive
+    # [in, in] matrices are the memory peak (an MLP-wide down_proj's is ~100 MB in fp32): at most two are alive
     # here, and a caller that keeps no reference to `hessian` has it freed once it is reordered
     H = hessian.float()
     del hessian

@@ -54,7 +54,7 @@ def mapping(sources: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     `sources`, `targets` [d, k]. Step i maps H_{i−1}…H_1·s_i onto t_i with v ⊥ t_1..t_{i−1}, so earlier
     columns stay in place; the sign of t_i is the one farther from the current vector (a stable v, with
     ‖v‖² ≥ 2). Each new reflection is applied to the columns still to come, as Householder QR does:
-    O(d·k²) in all (Qwen2.5-0.5B's down_proj, d = 4864, k ≈ 1000: seconds, not minutes)."""
+    O(d·k²) in all (for an MLP-wide down_proj with k in the thousands: seconds, not minutes)."""
     d, k = sources.shape
     vectors = torch.zeros(k, d, dtype=sources.dtype, device=sources.device)
     rest = sources.clone()  # column j: H_{i}…H_1·s_j once step i is done

@@ -10,17 +10,15 @@ down_proj's input can be rotated online (the transform is applied at run time, `
 With a Hadamard residual rotation no norm scale is folded at all: every RMSNorm keeps its scale and
 runs on the unrotated stream, between an inverse and a forward Hadamard applied at run time
 (`unrotate_norms`, x ↦ norm(x·Hᵀ)·H, O(n log n) per token). Folding a scale into the readers makes
-their weights carry it: SmolLM2-135M puts small scales on its outlier channels, and folded weights
-then put full-size rounding error on exactly those channels. Hadamard-rotated, 4-bit RTN weights with
-8-bit activations, 2×2048 WikiText-2 windows: SmolLM2-135M 33.59 ppl folded, 26.39 not (bf16 18.81);
-Qwen2.5-0.5B 30.82 and 30.29 (29.70). A tied head also stays tied (folding the final norm would
+their weights carry it: some models (SmolLM2) put small scales on their outlier channels, and folded
+weights then put full-size rounding error on exactly those channels. A tied head also stays tied (folding the final norm would
 need a second vocabulary-sized matrix). A dense rotation (PCA) has no fast transform, so there
 `fuse_norms` folds every scale, the final one into an untied head.
 
 All weight algebra runs in float64 and is cast back to each weight's dtype once, in place and a block
 of rows at a time, so that rotating a 50k-row embedding never holds a float64 copy of it; the float64
-scratch is handed back to the OS after each layer (glibc would otherwise keep ~a layer's worth per
-layer: +120% of SmolLM2-135M's size over norm fusion alone).
+scratch is handed back to the OS after each layer (glibc would otherwise keep about a layer's worth
+per layer).
 """
 import torch
 from torch import nn
