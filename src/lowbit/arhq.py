@@ -259,8 +259,8 @@ METHOD = Method(
     summary="NVFP4 weights and activations (E2M1 values, FP8 E4M3 scales per 16) with a low-rank branch in the "
             "compute dtype, chosen under the activation-residual Hessian (ARHQ) or as the weight's top singular "
             "directions (SVDQuant).",
-    options=(Option("--rank", "rank", int, "rank of the low-rank branch, 0 = plain NVFP4 (default 128)"),
-             Option("--decomposition", "decomposition", str, "arhq (default, needs --calib) or svdquant"),
+    options=(Option("--rank", "rank", int, "rank of the low-rank branch, 0 = plain NVFP4"),
+             Option("--decomposition", "decomposition", str, "arhq or svdquant"),
              Option("--smoothing", "smoothing", float, "SmoothQuant migration strength alpha in [0, 1] "
                     "(needs --calib)"),
              *CALIBRATION_OPTIONS),

@@ -17,10 +17,16 @@ def _method_options() -> dict:
     by_flag = {}
     for m in methods().values():
         for opt in m.options:
-            opts, names = by_flag.setdefault(opt.flag, ([], []))
+            opts, owners = by_flag.setdefault(opt.flag, ([], []))
             opts.append(opt)
-            names.append(m.name)
+            owners.append(m)
     return by_flag
+
+
+def _help(opt, method) -> str:
+    """The option's help with the config's default, so that the two can never disagree."""
+    default = method.config._fields.get(opt.field)
+    return opt.help if opt.type is None or default is None else f"{opt.help} (default {default})"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -33,11 +39,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--src", required=True, help="local model folder or Hugging Face Hub repo id")
     q.add_argument("--dst", help="output folder (default: ./<src name>-<tag>, e.g. ./model-HQQ_w4_g64)")
     group = q.add_argument_group("method settings (each applies to the methods named in its help)")
-    for flag, (opts, names) in _method_options().items():
-        helps = dict.fromkeys(o.help for o in opts)
-        text = next(iter(helps)) if len(helps) == 1 else "; ".join(f"{n}: {o.help}" for n, o in zip(names, opts))
+    for flag, (opts, owners) in _method_options().items():
+        helps = [_help(o, m) for o, m in zip(opts, owners)]
+        text = helps[0] if len(set(helps)) == 1 else "; ".join(f"{m.name}: {h}" for m, h in zip(owners, helps))
         kind = {"action": "store_true"} if opts[0].type is None else {"type": opts[0].type}
-        group.add_argument(flag, dest=_dest(flag), help=f"[{', '.join(names)}] {text}", **kind)
+        group.add_argument(flag, dest=_dest(flag), help=f"[{', '.join(m.name for m in owners)}] {text}", **kind)
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13, help="seeds torch, and picks the calibration windows")

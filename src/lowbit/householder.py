@@ -486,17 +486,17 @@ METHOD = Method(
     summary="learned Householder rotations Q = Had·H_k…H_1 (PCA-initialised, optimized layer by layer with "
             "learnable clipping) in front of each group of linears, applied at run time as k rank-1 updates; "
             "packed weights and per-token quantized activations multiplied in integers.",
-    options=(Option("--bits", "bits", int, "weight bits: 4 or 8 (default 4)"),
+    options=(Option("--bits", "bits", int, "weight bits: 4 or 8"),
              Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128, -1 = per "
-                    "channel (default 64)"),
-             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off) (default 8)"),
-             Option("--weight-quantizer", "weight_quantizer", str, "gptq (default) or rtn, both on the learned "
+                    "channel"),
+             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off)"),
+             Option("--weight-quantizer", "weight_quantizer", str, "gptq or rtn, both on the learned "
                     "clipping grid"),
-             Option("--reflections", "reflections", int, "reflections per rotation (default: from --pca-variance)"),
-             Option("--pca-variance", "pca_variance", float, "share of variance the PCA init covers (default 0.95)"),
-             Option("--steps", "steps", int, "Adam steps per decoder layer (default 100)"),
-             Option("--lr", "lr", float, "learning rate (default 1e-3)"),
-             Option("--cali-bsz", "cali_bsz", int, "calibration windows per step (default 4)"),
+             Option("--reflections", "reflections", int, "reflections per rotation"),
+             Option("--pca-variance", "pca_variance", float, "share of variance the PCA init covers"),
+             Option("--steps", "steps", int, "Adam steps per decoder layer"),
+             Option("--lr", "lr", float, "learning rate"),
+             Option("--cali-bsz", "cali_bsz", int, "calibration windows per step"),
              Option("--num-layers", "num_layers", int, "optimize only the first N decoder layers"),
              *CALIBRATION_OPTIONS),
     tag=lambda c: f"HH_w{c.bits}_g{c.group_size}_a{c.act_bits}",

@@ -32,9 +32,8 @@ METHOD = Method(
     name="hqq", config=HqqConfig, quantizer=HqqHfQuantizer, title="HQQ",
     summary="calibration-free half-quadratic weight-only quantization, packed low-bit weights with a scale and "
             "an offset per group of input channels, run on torch's int4 CPU kernel.",
-    options=(Option("--bits", "bits", int, "weight bits: 2, 3, 4 or 8 (default 4)"),
-             Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128 or 256 "
-                    "(default 64)"),
+    options=(Option("--bits", "bits", int, "weight bits: 2, 3, 4 or 8"),
+             Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128 or 256"),
              Option("--keep-lm-head-fp16", "modules_to_not_convert", None,
                     "keep the output head unquantized (a head tied to the embeddings always is)",
                     convert=lambda keep: ["lm_head"] if keep else [])),

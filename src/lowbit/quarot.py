@@ -244,13 +244,13 @@ METHOD = Method(
     summary="Hadamard (or PCA) rotations fused into the weights so that weights, activations and the KV cache "
             "quantize without outliers; packed weights, per-token quantized activations multiplied in integers, "
             "and a packed KV cache.",
-    options=(Option("--bits", "bits", int, "weight bits: 4 or 8 (default 4)"),
+    options=(Option("--bits", "bits", int, "weight bits: 4 or 8"),
              Option("--group-size", "group_size", int, "input channels per scale/offset: 32, 64, 128, -1 = per "
-                    "channel (default 64)"),
-             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off) (default 4)"),
-             Option("--kv-bits", "kv_bits", int, "KV cache bits: 4, 8 or 16 (off) (default 4)"),
-             Option("--rotation", "rotation_method", str, "hadamard (default) or pca (needs --calib)"),
-             Option("--weight-quantizer", "weight_quantizer", str, "rtn (default, clipping search) or gptq "
+                    "channel"),
+             Option("--acts-bits", "act_bits", int, "activation bits: 4, 8 or 16 (off)"),
+             Option("--kv-bits", "kv_bits", int, "KV cache bits: 4, 8 or 16 (off)"),
+             Option("--rotation", "rotation_method", str, "hadamard or pca (needs --calib)"),
+             Option("--weight-quantizer", "weight_quantizer", str, "rtn (with a clipping search) or gptq "
                     "(needs --calib)"),
              *CALIBRATION_OPTIONS),
     tag=_tag,
