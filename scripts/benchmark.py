@@ -401,6 +401,10 @@ def report(results_dir: Path, docs: Path, readme: Path) -> None:
             body = table(results, perm) if perm else "Not yet measured on the permuted models."
             body += (f"\nThe original models' rows: [results.md](results.md#{name})." if original else "")
             _replace_block(method_page, name, body)
+    snr = sorted(results_dir.glob("arhq_snr/**/snr.md"))
+    if snr and (docs / "arhq.md").exists():  # the per-layer tables scripts/arhq_snr.py writes
+        _replace_block(docs / "arhq.md", "arhq_snr", "\n".join(
+            f"`{p.relative_to(results_dir.parent)}`:\n\n{p.read_text().strip()}\n" for p in snr))
     (docs / "results.md").write_text("\n".join(page))
     summary = ["| set | model | method | bits/weight | ppl (x bf16) | decode (x bf16) |", "|---|---|---|---|---|---|"]
     for name, specs in SUMMARY.items():
