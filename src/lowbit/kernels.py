@@ -76,7 +76,7 @@ def int8_group_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_grouped: t
     [groups, group_size, N] holding q − 2^(bits−1) (see `group_weight_for_int8`); scale_offset
     [groups, N, 2]. Each group's exact int32 products are scaled and summed in float32; the offsets
     need only the activations' group sums: y = x_scale · (Σ_g scale_g · (x_g · w_g) + Σ_g offset_g · Σ x_g).
-    Long inputs run in row blocks whose [rows, N] partial products stay in cache (3x faster at prefill)."""
+    Long inputs run in row blocks whose [rows, N] partial products stay in cache (prefill is faster so)."""
     groups, group_size, n = w_grouped.shape
     m = x_codes.shape[0]
     if 1 < groups and m * groups <= SMALL_M_ROWS:
