@@ -239,8 +239,8 @@ class Method:
     quantizer: type                # its HfQuantizer subclass
     title: str                     # in summaries and the model card
     summary: str                   # one sentence for the model card
+    tag: Callable                  # config -> the output folder's tag, e.g. "HQQ_w4_g64" (the CLI adds "_headfp16")
     options: tuple = ()            # the `lowbit quantize` flags it reads
-    tag: Callable = None           # config -> the output folder's tag, e.g. "HQQ_w4_g64" (the CLI adds "_headfp16")
 
     @property
     def quant_method(self) -> str:
