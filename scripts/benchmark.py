@@ -406,7 +406,8 @@ def report(results_dir: Path, docs: Path, readme: Path) -> None:
         _replace_block(docs / "arhq.md", "arhq_snr", "\n".join(
             f"`{p.relative_to(results_dir.parent)}`:\n\n{p.read_text().strip()}\n" for p in snr))
     (docs / "results.md").write_text("\n".join(page))
-    summary = ["| set | model | method | bits/weight | ppl (x bf16) | decode (x bf16) |", "|---|---|---|---|---|---|"]
+    summary = ["| set | model | method | bits/weight | ppl (x bf16) | ppl windows | decode (x bf16) |",
+               "|---|---|---|---|---|---|---|"]
     for name, specs in SUMMARY.items():
         results = sets.get(name, {})
         for model in BENCHMARK_MODELS:
@@ -417,6 +418,7 @@ def report(results_dir: Path, docs: Path, readme: Path) -> None:
                     continue
                 summary.append(f"| [{name}](docs/{name}.md) | {model} | {spec} | {r['bits_per_weight']:.2f} | "
                                f"{r['ppl']['ppl']:.2f} ({r['ppl']['ppl'] / base['ppl']['ppl']:.2f}x) | "
+                               f"{r['ppl']['windows']}×{r['ppl']['seqlen']} | "
                                f"{r['speed']['decode_tok_s'] / base['speed']['decode_tok_s']:.2f}x |")
     _replace_block(readme, "summary", "\n".join(summary) + "\n\nbf16 rows, every other setting, the protocols and "
                    "the machine: [docs/results.md](docs/results.md).")
