@@ -59,10 +59,8 @@ def main(argv=None) -> int:
     householder.check_model(model, config, names)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    ids = householder.calibration_ids(model, config)
-    source = calib
-    if ids is None:
-        ids, source = householder.generated_calibration_ids(model, config), householder.GENERATED_SOURCE
+    ids, source = householder.calibration_tokens(model, config)
+    source = source or calib
     rows = []
     for index, layer, inputs in calibration.layer_by_layer(model, ids, config.cali_bsz, progress=False):
         if index >= args.num_layers:

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import calibration, integration, reflections, rotation
-from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
+from .base import (CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration,
+                   check_choice)
 from .modules import HouseholderRotation, QuantLinear, RotatedNorm
 from .quantize import quantize_gptq, quantize_rtn_ratio
 
@@ -146,6 +147,15 @@ def generated_calibration_ids(model, config: HouseholderConfig) -> torch.Tensor:
                    config.seqlen)
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     return sample_text_from_model(model, tokenizer, config.nsamples, config.seqlen, config.seed)
+
+
+def calibration_tokens(model, config: HouseholderConfig) -> tuple[torch.Tensor, str | None]:
+    """The config's calibration tokens, else the model's own samples; with `GENERATED_SOURCE` in the
+    second place when those stood in."""
+    ids = calibration_ids(model, config)
+    if ids is None:
+        return generated_calibration_ids(model, config), GENERATED_SOURCE
+    return ids, None
 
 
 # ---------------------------------------------------------------- PCA initialisation
@@ -402,17 +412,14 @@ def unrotate(model) -> None:
 
 @torch.no_grad()
 def quantize_model(model, config: HouseholderConfig, report: list | None = None, ids: torch.Tensor | None = None
-                   ) -> str | None:
+                   ) -> None:
     """Optimize and quantize every targeted linear in place; `report` collects each layer's row; `ids`:
-    the calibration tokens when already at hand. Returns `GENERATED_SOURCE` when the model's own samples
-    stood in for calibration data, else None."""
+    the calibration tokens (default: `calibration_tokens`)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
     progress = integration.progress_enabled()
-    ids = calibration_ids(model, config) if ids is None else ids
-    source = None
     if ids is None:
-        ids, source = generated_calibration_ids(model, config), GENERATED_SOURCE
+        ids, _ = calibration_tokens(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     for index, layer, inputs in calibration.layer_by_layer(model, ids, config.cali_bsz, progress=progress):
@@ -423,7 +430,6 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None,
         if not isinstance(model.get_submodule(name), QuantLinear):
             integration.set_module(model, name, quantized_module(model.get_submodule(name), config))
     integration.prepare_runtime(model)
-    return source
 
 
 def _checkpoint_rotations(checkpoint_files) -> dict:
@@ -471,9 +477,12 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
         return calibration_ids(model, self.quantization_config)
 
     def quantize(self, model):
-        # recorded in the quantizer's copy of the config, which is the one saved with the model
-        self.quantization_config.calibration_source = quantize_model(
-            model, self.quantization_config, ids=self.take_calibration_ids())
+        cfg, ids = self.quantization_config, self.take_calibration_ids()
+        if ids is None:  # the config's text was tried before loading: absent or unusable (logged then)
+            ids = generated_calibration_ids(model, cfg)
+            # recorded in the quantizer's copy of the config, which is the one saved with the model
+            cfg.calibration_source = GENERATED_SOURCE
+        quantize_model(model, cfg, ids=ids)
 
     def _dequantize(self, model, dtype=None):
         integration.dequantize_model(model, dtype or self.dtype)
