@@ -186,7 +186,8 @@ def run_cell(model_name: str, spec: str, args) -> dict:
     with AnonPeak() as anon:
         if method == "lowbit-hqq":
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.bfloat16, quantization_config=registry.method("hqq").config(bits=bits, group_size=group))
+                path, dtype=torch.bfloat16,
+                quantization_config=registry.method("hqq").config(bits=bits, group_size=group))
         elif method == "norot":
             from lowbit import quarot
 
@@ -392,7 +393,8 @@ def report(results_dir: Path, docs: Path, readme: Path) -> None:
         if perm:
             page += ["### Permuted models", "", table(results, perm)]
         if original:
-            page += ["### Original models (dequantized from 4-bit GGUF files; not comparable with the permuted ones)", "",
+            page += ["### Original models (dequantized from 4-bit GGUF files; not comparable with the permuted ones)",
+                     "",
                      table(results, original)]
         page += [f"![perplexity vs bits per weight]({rel}/{name}/ppl_vs_bpw.png)",
                  f"![decode tokens/s vs bits per weight]({rel}/{name}/decode_vs_bpw.png)", ""]

@@ -25,7 +25,8 @@ import logging
 import torch
 
 from . import calibration, integration, nvfp4, rotation
-from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
+from .base import (CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration,
+                   check_choice)
 from .modules import Nvfp4Linear
 
 logger = logging.getLogger(__name__)

@@ -204,7 +204,8 @@ class AfterLoadHfQuantizer(LowbitHfQuantizer):
         if self.pre_quantized:
             self.prepare_runtime(model)
             return model
-        with integration.blocks_returned_on_free() if self.quantization_config.needs_calibration else contextlib.nullcontext():
+        calibrating = self.quantization_config.needs_calibration
+        with integration.blocks_returned_on_free() if calibrating else contextlib.nullcontext():
             self.quantize(model)
         return model
 

@@ -180,7 +180,8 @@ def _eval_results(evaluation: dict | None) -> list:
 
 def _ppl_protocol(ppl: dict) -> str:
     return (f"{ppl['windows']} windows of {ppl['seqlen']} tokens"
-            + (f", stride {ppl['stride']}" if ppl.get("protocol") == "stride" else "") + f", {ppl['tokens_scored']} tokens scored")
+            + (f", stride {ppl['stride']}" if ppl.get("protocol") == "stride" else "")
+            + f", {ppl['tokens_scored']} tokens scored")
 
 
 def render_model_card(meta: dict, name: str) -> str:
@@ -193,7 +194,9 @@ def render_model_card(meta: dict, name: str) -> str:
     data = ModelCardData(base_model=meta.get("base_model"), license=meta.get("license"), library_name="transformers",
                          tags=["lowbit", method.quant_method, "quantized"], model_name=name,
                          eval_results=_eval_results(evaluation) or None)
-    src, base = meta["source"], meta.get("base_model")
+    base = meta.get("base_model")
+    local_name = os.path.basename(os.path.normpath(meta["source"]))
+    source = f"[{base}](https://huggingface.co/{base})" if base else f"`{local_name}`"
     settings = {k: v for k, v in meta["settings"].items() if k != "quant_method"}
     evaluation_md = ""
     if evaluation and "ppl" in evaluation:
@@ -201,7 +204,7 @@ def render_model_card(meta: dict, name: str) -> str:
         evaluation_md = (f"\n## Evaluation (`lowbit eval`)\n\nPerplexity {ppl['ppl']:.3f} on {ppl['data']} "
                          f"({_ppl_protocol(ppl)}), {evaluation['dtype']}.\n")
     body = template.format(
-        name=name, source=f"[{base}](https://huggingface.co/{base})" if base else f"`{os.path.basename(os.path.normpath(src))}`",
+        name=name, source=source,
         method_title=method.title, method_summary=method.summary,
         settings_table="\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items()),
         bf16_bytes_h=_human(meta["bf16_bytes"]), checkpoint_bytes_h=_human(meta["checkpoint_bytes"]),

@@ -12,7 +12,8 @@ import logging
 import torch
 
 from . import calibration, hadamard, integration, kvcache, rotation
-from .base import CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration, check_choice
+from .base import (CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration,
+                   check_choice)
 from .modules import QuantLinear
 from .quantize import quantize_gptq
 
