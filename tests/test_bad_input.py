@@ -61,12 +61,12 @@ def test_cli_existing_dst_needs_overwrite(tiny_llama, tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from lowbit import export
+    from lowbit import checkpoint
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "render_model_card", boom)
+    monkeypatch.setattr(checkpoint, "render_model_card", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         _cli("--src", str(tiny_llama), "--dst", str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []

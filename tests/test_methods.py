@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit import cli, export, registry
+from lowbit import checkpoint, cli, registry
 from lowbit.base import Method, Option
 
 
@@ -42,7 +42,7 @@ def test_cli_refuses_an_unknown_method(capsys):
 def test_naming_tag_refuses_a_config_of_no_declared_method():
     config = types.SimpleNamespace(quant_method="lowbit_nope", bits=4, group_size=64)
     with pytest.raises(ValueError, match="unknown lowbit method 'lowbit_nope'"):
-        export.naming_tag(config, head_kept=False)
+        checkpoint.naming_tag(config, head_kept=False)
 
 
 @pytest.mark.parametrize("config_cls,old,new,value", [
@@ -154,12 +154,12 @@ def test_card_of_a_local_source_names_no_base_model_and_carries_its_license(stor
 
 
 def test_card_of_a_hub_source_names_it_as_base_model(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "source_license", lambda src: "apache-2.0")
+    monkeypatch.setattr(checkpoint, "source_license", lambda src: "apache-2.0")
     meta = {"method": "lowbit_hqq", "settings": {"bits": 4}, "source": "org/model", "base_model": "org/model",
             "license": "apache-2.0", "dtype": "bfloat16", "seconds": 1.0, "bf16_bytes": 2, "checkpoint_bytes": 1,
             "linear_bf16_bytes": 2, "linear_packed_bytes": 1, "layers_quantized": ["a"], "layers_kept": [],
             "versions": {"lowbit": "0", "torch": "0", "transformers": "0"}}
-    (tmp_path / "README.md").write_text(export.render_model_card(meta, "model-HQQ_w4_g64"))
+    (tmp_path / "README.md").write_text(checkpoint.render_model_card(meta, "model-HQQ_w4_g64"))
     card = _card(tmp_path)
     assert card.data.base_model == "org/model" and card.data.license == "apache-2.0"
     assert "[org/model](https://huggingface.co/org/model)" in card.text
@@ -172,7 +172,7 @@ def test_lowbit_eval_puts_its_perplexity_into_the_card(stories, tmp_path):
     data.write_text("Once upon a time, there was a little girl named Lily. She liked to play outside. " * 20)
     assert cli.main(["eval", "-q", "--model", str(out), "--tasks", "ppl", "--ppl-data", str(data),
                      "--seqlen", "64"]) == 0
-    meta = json.loads((out / export.METADATA_FILE).read_text())
+    meta = json.loads((out / checkpoint.METADATA_FILE).read_text())
     ppl = meta["eval"]["ppl"]["ppl"]
     [result] = _card(out).data.eval_results
     assert result.metric_type == "perplexity" and result.metric_value == pytest.approx(ppl, abs=1e-4)

@@ -89,24 +89,24 @@ def _config(args):
 def quantize_command(args) -> int:
     import torch
 
-    from . import export
+    from . import checkpoint
 
     config = _config(args)  # validates every setting before any work
-    export.check_source(args.src)  # before reading its config for the naming tag
+    checkpoint.check_source(args.src)  # before reading its config for the naming tag
     dst = args.dst or os.path.join(".", f"{os.path.basename(os.path.normpath(args.src))}-"
-                                        f"{export.naming_tag(config, export.head_kept(config, args.src))}")
-    meta = export.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),
+                                        f"{checkpoint.naming_tag(config, checkpoint.head_kept(config, args.src))}")
+    meta = checkpoint.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),
                                      overwrite=args.overwrite, seed=args.seed,
                                      command="lowbit " + shlex.join(sys.argv[1:]))
     if not args.quiet:
-        print(export.summary(meta, dst))
+        print(checkpoint.summary(meta, dst))
     return 0
 
 
 def eval_command(args) -> int:
     import json
 
-    from . import evaluate, export
+    from . import checkpoint, evaluate
 
     tasks = evaluate.parse_tasks(args.tasks)
     if args.seqlen < 2:
@@ -119,7 +119,7 @@ def eval_command(args) -> int:
                                   max_windows=args.max_windows, batch_size=args.batch_size, dtype=args.dtype,
                                   progress=not args.quiet)
     print(evaluate.format_report(res))
-    if os.path.isdir(args.model) and "ppl" in res and export.record_evaluation(args.model, res):
+    if os.path.isdir(args.model) and "ppl" in res and checkpoint.record_evaluation(args.model, res):
         print(f"perplexity recorded in {os.path.join(args.model, 'README.md')} (model-index)")
     if args.json:
         with open(args.json, "w") as f:

@@ -25,10 +25,11 @@ from torch import nn
 
 from . import kernels, nvfp4, packing, reflections
 from .hadamard import hadamard_transform, transform_activations
-from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_rtn,
-                       quantize_rtn_clip)
+from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_hqq_integer_zero,
+                       quantize_rtn, quantize_rtn_clip)
 
-SOLVERS = {"hqq": quantize_hqq, "rtn": quantize_rtn, "rtn_clip": quantize_rtn_clip}
+SOLVERS = {"hqq": quantize_hqq, "hqq_integer_zero": quantize_hqq_integer_zero, "rtn": quantize_rtn,
+           "rtn_clip": quantize_rtn_clip}
 # Activation clipping ratio per bit width. 4 bits: None, each token's ratio searched for the least
 # squared error (`quantize.ACT_CLIP_GRID`): the best fixed ratio (QuaRot's 0.9) differs from model to
 # model, and a per-token search is close to the best fixed one on each. 8 bits: not clipped (8 bits

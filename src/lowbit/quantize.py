@@ -47,7 +47,7 @@ def _finish(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
 BLOCK_ELEMENTS = 1 << 18
 
 
-def _blockwise(fixed_scale: bool = False):
+def _blockwise(fixed_scale: bool = False, integer_zero: bool = False):
     """Decorator: run `quantize_block(w_rows, bits, group_size)` over row blocks into preallocated
     outputs, rounding each block's scale/offset to the storage `dtype` (see `_round_for_storage`)."""
 
@@ -64,7 +64,7 @@ def _blockwise(fixed_scale: bool = False):
                 c, so = quantize_block(rows, bits, group_size)
                 codes[start:start + step] = c
                 scale_offset[:, start:start + step] = _round_for_storage(rows, c, so, bits, group_size, dtype,
-                                                                         fixed_scale)
+                                                                         fixed_scale, integer_zero)
             return codes, scale_offset
 
         quantize.__doc__ = quantize_block.__doc__
@@ -74,7 +74,8 @@ def _blockwise(fixed_scale: bool = False):
     return wrap
 
 
-def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_scale: bool = False):
+def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_scale: bool = False,
+                       integer_zero: bool = False):
     """Per group, the storage-dtype neighbours of scale and offset (nearest, one step up or down each)
     that reconstruct the group best: the grid moves by less than one storage step, where a
     least-squares refit would move it far enough to clip the group's largest weights.
@@ -82,9 +83,16 @@ def _round_for_storage(w, codes, scale_offset, bits, group_size, dtype, fixed_sc
     `fixed_scale` (for a solver that fixes the scale and optimizes only the zero point, as hqq's does):
     the scale is rounded to nearest, as hqq rounds it, and only the offset's neighbours are searched.
     A free search would shrink most of those scales by one step, clipping each group's largest weights,
-    and cost perplexity."""
+    and cost perplexity.
+
+    `integer_zero`: the offset stays an integer multiple of the rounded scale, (2^(bits−1) − zero)·scale,
+    itself rounded to nearest (what an export with integer zero points reads back, see `integer_zero_points`)."""
     if dtype == torch.float32:
         return scale_offset
+    if integer_zero:
+        scale = scale_offset[..., 0].to(dtype)
+        steps = torch.round(scale_offset[..., 1] / scale_offset[..., 0])
+        return torch.stack([scale, (steps * scale.float()).to(dtype)], -1)
     g = _grouped(w, group_size)
     mask = _valid_mask(w.shape[1], group_size, w.device)
     t = (codes.view_as(g).float() - 2 ** (bits - 1))
@@ -187,6 +195,47 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int):
     scale = meta["scale"].view(out, -1).float()
     offset = (2 ** (bits - 1) - meta["zero"].view(out, -1).float()) * scale
     return _finish(q.view_as(g), scale, offset)
+
+
+HQQ_PROXIMAL = {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}  # hqq's defaults for its solver
+
+
+@_blockwise(fixed_scale=True, integer_zero=True)
+def quantize_hqq_integer_zero(w: torch.Tensor, bits: int, group_size: int):
+    """HQQ with integer zero points (what compressed-tensors and most integer kernels store): hqq's
+    proximal loop, with its shrinkage operator and default settings, rounding the zero point to an
+    integer at every step instead of once at the end; each group keeps its best zero point."""
+    from hqq.core.optimize import shrink_lp_op
+
+    qmax = 2**bits - 1
+    g = _grouped(w, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    inv = torch.where((hi - lo).abs() <= 1e-4, torch.ones_like(lo), qmax / (hi - lo)).clamp(max=2e4)
+    zero = torch.round(-lo * inv).clamp(0, qmax)
+    best_zero, best_err = zero, torch.full_like(zero, float("inf"))
+    beta = HQQ_PROXIMAL["beta"]
+    for _ in range(HQQ_PROXIMAL["iters"]):
+        q = torch.round(g * inv + zero).clamp(0, qmax)
+        r = (q - zero) / inv
+        err = (g - r).abs().mean(-1, keepdim=True)
+        better = err < best_err
+        best_zero, best_err = torch.where(better, zero, best_zero), torch.where(better, err, best_err)
+        e = shrink_lp_op(g - r, beta, HQQ_PROXIMAL["lp_norm"])
+        zero = torch.round((q - (g - e) * inv).mean(-1, keepdim=True)).clamp(0, qmax)
+        beta *= HQQ_PROXIMAL["kappa"]
+    q = torch.round(g * inv + best_zero).clamp(0, qmax)
+    scale = (1 / inv).squeeze(-1)
+    return _finish(q, scale, (2 ** (bits - 1) - best_zero.squeeze(-1)) * scale)
+
+
+def integer_zero_points(scale_offset: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """The integer zero points z (w = (q − z)·scale) of a scale_offset table [groups, out, 2], or None
+    when an offset is not the storage rounding of an integer multiple of its scale."""
+    scale, offset = scale_offset.float().unbind(-1)
+    steps = torch.round(offset / scale)
+    zero = 2 ** (bits - 1) - steps
+    exact = ((steps * scale).to(scale_offset.dtype) == scale_offset[..., 1]) & (zero >= 0) & (zero <= 2**bits - 1)
+    return zero.to(torch.uint8) if bool(exact.all()) else None
 
 
 def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_features: int,
