@@ -13,7 +13,7 @@ from lowbit.cli import main
     ({"bits": True}, r"bits must be one of"),
     ({"group_size": 0}, r"group_size must be one of \[32, 64, 128, 256\], got 0"),
     ({"group_size": 48}, r"group_size must be one of \[32, 64, 128, 256\], got 48"),
-    ({"nbits": 4}, r"unknown parameter\(s\) \['nbits'\]; allowed: \['bits', 'group_size', 'modules_to_not_convert'\]"),
+    ({"nbits": 4}, r"unknown parameter\(s\) \['nbits'\]; allowed: \['bits', 'group_size', 'modules_to_not_convert', 'zero_point'\]"),
     ({"modules_to_not_convert": "lm_head"}, r"modules_to_not_convert must be a list"),
 ])
 def test_config_rejects(kwargs, match):

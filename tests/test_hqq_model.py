@@ -143,5 +143,6 @@ def test_stories_greedy_story_survives_4bit(stories, tmp_path):
 def test_saved_config_round_trips(quantized):
     _, out, _ = quantized
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "lowbit_hqq", "bits": 4, "group_size": 64, "modules_to_not_convert": ["lm_head"]}
+    assert qc == {"quant_method": "lowbit_hqq", "bits": 4, "group_size": 64, "modules_to_not_convert": ["lm_head"],
+                  "zero_point": "float"}
     assert lowbit.HqqConfig.from_dict(qc).to_dict() == qc

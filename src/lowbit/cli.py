@@ -1,4 +1,4 @@
-"""`lowbit` command line: `lowbit quantize ...`, `lowbit eval ...`."""
+"""`lowbit` command line: `lowbit quantize ...`, `lowbit eval ...`, `lowbit export ...`."""
 import argparse
 import logging
 import os
@@ -35,7 +35,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit quantization for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model into a folder that from_pretrained reloads natively")
-    q.add_argument("--method", required=True, choices=list(methods()))
+    q.add_argument("--method", choices=list(methods()), help="required unless --for picks it")
     q.add_argument("--src", required=True, help="local model folder or Hugging Face Hub repo id")
     q.add_argument("--dst", help="output folder (default: ./<src name>-<tag>, e.g. ./model-HQQ_w4_g64)")
     group = q.add_argument_group("method settings (each applies to the methods named in its help)")
@@ -44,11 +44,24 @@ def _build_parser() -> argparse.ArgumentParser:
         text = helps[0] if len(set(helps)) == 1 else "; ".join(f"{m.name}: {h}" for m, h in zip(owners, helps))
         kind = {"action": "store_true"} if opts[0].type is None else {"type": opts[0].type}
         group.add_argument(flag, dest=_dest(flag), help=f"[{', '.join(m.name for m in owners)}] {text}", **kind)
+    q.add_argument("--for", dest="target", choices=sorted(FOR_TARGETS),
+                   help="pick settings an engine runs exactly: gguf (llama.cpp: 4-bit HQQ) or vllm (compressed-tensors: "
+                        "4-bit HQQ with integer zero points); the method's other flags may refine them")
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13, help="seeds torch, and picks the calibration windows")
     q.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    x = sub.add_parser("export", help="write a lowbit checkpoint for llama.cpp (GGUF) or vLLM (compressed-tensors)")
+    x.add_argument("--src", required=True, help="lowbit output folder or Hub repo id")
+    x.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
+    x.add_argument("--dst", help="output path (default: ./<src name>.gguf or ./<src name>-ct)")
+    x.add_argument("--unquantized-type", choices=("bf16", "f16", "f32", "q8_0"),
+                   help="gguf: how the tensors lowbit kept unquantized are stored (default: the checkpoint's dtype; "
+                        "q8_0 re-quantizes them, smaller and faster, not exact)")
+    x.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
 
     e = sub.add_parser("eval", help="perplexity, speed and size of any model transformers loads")
     e.add_argument("--model", required=True, help="local model folder or Hub repo id")
@@ -65,10 +78,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `lowbit quantize --for ENGINE`: settings that export exactly to that engine's format
+FOR_TARGETS = {"gguf": {"method": "hqq", "bits": 4}, "vllm": {"method": "hqq", "bits": 4, "zero_point": "integer"}}
+
+
 def _config(args):
     """The method's config from the flags it declares; a flag it does not read is an error."""
     from .registry import method
 
+    if args.target:
+        _apply_target(args)
+    if args.method is None:
+        raise ValueError("--method is required (or --for gguf|vllm, which picks it)")
     m = method(args.method)
     mine = {o.flag for o in m.options}
     extra = [flag for flag in _method_options() if flag not in mine and getattr(args, _dest(flag)) not in (None, False)]
@@ -86,6 +107,16 @@ def _config(args):
     return m.config(**settings)
 
 
+def _apply_target(args) -> None:
+    """Fill in what `--for` requires; a flag that contradicts it is an error."""
+    for dest, value in FOR_TARGETS[args.target].items():
+        given = getattr(args, dest, None)
+        if given is not None and given != value:
+            flag = "--method" if dest == "method" else "--" + dest.replace("_", "-")
+            raise ValueError(f"--for {args.target} needs {flag} {value}, got {given}")
+        setattr(args, dest, value)
+
+
 def quantize_command(args) -> int:
     import torch
 
@@ -100,6 +131,16 @@ def quantize_command(args) -> int:
                                      command="lowbit " + shlex.join(sys.argv[1:]))
     if not args.quiet:
         print(checkpoint.summary(meta, dst))
+    return 0
+
+
+def export_command(args) -> int:
+    from .formats import export, format_summary
+
+    summary = export(args.src, args.format, dst=args.dst, overwrite=args.overwrite,
+                     unquantized_type=args.unquantized_type, progress=not args.quiet)
+    if not args.quiet:
+        print(format_summary(summary))
     return 0
 
 
@@ -136,7 +177,7 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return {"quantize": quantize_command, "eval": eval_command}[args.command](args)
+        return {"quantize": quantize_command, "eval": eval_command, "export": export_command}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2

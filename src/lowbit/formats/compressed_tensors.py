@@ -141,11 +141,9 @@ def write(model, source, path, options, progress: bool) -> dict:
         generation.save_pretrained(path)
     if source.tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(source.tokenizer_dir).save_pretrained(path)
-    types = {}
-    for name, t in tensors.items():
-        kind = name.rsplit(".", 1)[-1] if name.endswith(("weight_packed", "weight_zero_point")) else str(t.dtype)
-        types[kind.removeprefix("torch.")] = types.get(kind.removeprefix("torch."), 0) + 1
+    dtype = str(model.dtype).removeprefix("torch.")
+    packed = sum(name.endswith(".weight_packed") for name in tensors)
+    types = {"W4A16 linears (packed int4)": packed, f"{dtype} tensors": len(tensors) - 4 * packed}
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return {"bytes": size, "tensor_types": types, "kept": kept, "kept_type": str(model.dtype).removeprefix("torch."),
-            "notes": []}
+    return {"bytes": size, "tensor_types": types, "kept": kept, "kept_type": dtype, "notes": []}
 
