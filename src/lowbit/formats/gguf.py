@@ -210,7 +210,6 @@ def _write_metadata(w, source, kind: str) -> None:
     if ARCHITECTURES[cfg.model_type] == "llama":
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim or cfg.hidden_size // cfg.num_attention_heads)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_vocabulary(w, source)
 
@@ -267,7 +266,13 @@ def _merge_ranks(tok: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- writing
 
 def write(model, source, path, options, progress: bool) -> dict:
+    """Also writes an unquantized model (every matrix in `unquantized_type`): the F16 reference that
+    llama.cpp's own quantizer starts from in scripts/export_benchmark.py."""
+    import logging
+
     import gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it opens at INFO
 
     cfg = source.text_config
     kind = options["unquantized_type"] or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
@@ -284,6 +289,9 @@ def write(model, source, path, options, progress: bool) -> dict:
         types[ggml_type.name] = types.get(ggml_type.name, 0) + 1
         if is_kept:
             kept.append(f"{name} ({ggml_type.name})")
+    file_type = "MOSTLY_Q4_1" if "Q4_1" in types else {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
+                                                       "bf16": "MOSTLY_BF16", "f32": "ALL_F32"}[kind]
+    w.add_file_type(gguf.LlamaFileType[file_type])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
