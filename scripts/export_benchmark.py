@@ -4,8 +4,9 @@
 
 Per model: an F16 GGUF (lowbit's writer on the unquantized model), llama.cpp's own Q4_1 and Q4_K_M
 quantization of it (`llama_cpp.llama_model_quantize`), and lowbit HQQ 4-bit g32 and g64 exported to
-Q4_1. Each file's WikiText-2 perplexity through llama.cpp (the same token ids and windows as
-`lowbit eval`), and decode tokens/s at batch 1 (64 tokens after a 16-token prompt); beside them the
+Q4_1 (g64 also with the unquantized embeddings/head as Q8_0). Each file's WikiText-2 perplexity
+through llama.cpp (the same token ids and windows as `lowbit eval`, evaluated 512 tokens per batch),
+and decode tokens/s at batch 1 (`n_batch=1`, 64 tokens after a 16-token prompt); beside them the
 lowbit checkpoints in transformers, same windows, same decode. Needs llama-cpp-python (`pip install
 lowbit[llama]`). Writes OUT/results.json and the table into docs/deployment.md.
 """
@@ -31,18 +32,18 @@ DOC = ROOT / "docs" / "deployment.md"
 MARK = ("<!-- results:export:start -->", "<!-- results:export:end -->")
 
 
-def llama(path, threads, logits_all=False, n_ctx=2048):
+def llama(path, threads, logits_all=False, n_ctx=2048, n_batch=1):
     import llama_cpp
 
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=1, n_threads=threads, logits_all=logits_all,
-                           verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                           logits_all=logits_all, verbose=False)
 
 
 def llama_perplexity(path, ids, seqlen, windows, threads) -> float:
     """Windows scored as `lowbit.evaluate.perplexity` scores them, logits from llama.cpp."""
     from lowbit.evaluate import score_spans
 
-    llm = llama(path, threads, logits_all=True, n_ctx=seqlen)
+    llm = llama(path, threads, logits_all=True, n_ctx=seqlen, n_batch=512)  # as llama-perplexity, in batches
     nll = count = 0
     for begin, end, first in score_spans(len(ids), seqlen, None, windows):
         window = ids[begin:end]
@@ -57,7 +58,7 @@ def llama_perplexity(path, ids, seqlen, windows, threads) -> float:
 
 
 def llama_decode(path, threads, prompt_len=16, new_tokens=64, repeats=3) -> float:
-    llm = llama(path, threads, n_ctx=256)
+    llm = llama(path, threads, logits_all=True, n_ctx=256)
     prompt = list(range(100, 100 + prompt_len))
     rates = []
     for r in range(repeats + 1):  # the first run warms up
@@ -120,6 +121,10 @@ def run_model(name, args, work) -> dict:
         AutoTokenizer.from_pretrained(src).save_pretrained(folder)
         files[label] = work / f"{folder.name}.gguf"
         lowbit.export(folder, "gguf", dst=files[label], progress=False)
+        if group == 64:
+            files[label + ", Q8_0 embeddings"] = work / f"{folder.name}-q8emb.gguf"
+            lowbit.export(folder, "gguf", dst=files[label + ", Q8_0 embeddings"], unquantized_type="q8_0",
+                          progress=False)
         ppl = perplexity(model, torch.tensor(ids), seqlen=args.seqlen, max_windows=args.windows, progress=False)
         speed = decode_speed(model, prompt_len=16, new_tokens=64)
         rows[f"lowbit HQQ w4 g{group} in transformers"] = {

@@ -305,3 +305,20 @@ def test_quantize_for_an_engine_picks_exportable_settings(tmp_path, capsys):
                  "--dst", str(tmp_path / "g")]) == 2
     assert "--for gguf needs --bits 4" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_model_in_memory_exports_like_its_saved_folder(stories_w4, tmp_path):
+    """`lowbit.export(model)` on the model quantized on load (its runtime layout) writes the tensors the
+    saved folder's export writes; the tokenizer comes from the model's `name_or_path`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.bfloat16,
+                                                 quantization_config=lowbit.HqqConfig(bits=4, group_size=64))
+    export(model, "gguf", dst=tmp_path / "memory.gguf", progress=False)
+    export(stories_w4, "gguf", dst=tmp_path / "folder.gguf", progress=False)
+    _, from_memory, fields = read_gguf(tmp_path / "memory.gguf")
+    _, from_folder, _ = read_gguf(tmp_path / "folder.gguf")
+    assert sorted(from_memory) == sorted(from_folder)
+    for name, t in from_folder.items():
+        assert np.array_equal(from_memory[name].data, t.data), name
+    assert fields["tokenizer.ggml.model"] == "llama"
