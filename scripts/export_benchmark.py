@@ -159,10 +159,25 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(results):
+def vllm_table(out: Path) -> str:
+    """The vLLM checks kept by `scripts/vllm_check.py run --out OUT/vllm-<model>.json`."""
+    lines = []
+    for path in sorted(out.glob("vllm-*.json")):
+        r = json.loads(path.read_text())
+        s = r["decode_tok_s"]
+        lines += [f"**{r['export']}** in vLLM {r['vllm']} (CPU build, {r['date']}): perplexity {r['ppl_vllm']:.3f} "
+                  f"through vLLM's prompt logprobs vs {r['ppl_lowbit_transformers']:.3f} for the lowbit checkpoint in "
+                  f"transformers ({r['windows']} windows of {r['seqlen']} tokens); greedy tokens agreeing with "
+                  f"transformers for 3 prompts: {', '.join(map(str, r['greedy_tokens_agreeing']))} of "
+                  f"{r['new_tokens']}; decode tok/s batch 1: {s['export_b1']:.1f} (bf16 {s['bf16_b1']:.1f}), batch 8: "
+                  f"{s['export_b8']:.1f} (bf16 {s['bf16_b8']:.1f}).", ""]
+    return "\n".join(lines)
+
+
+def write_doc(results, out: Path):
     doc = DOC.read_text()
     start, end = doc.index(MARK[0]) + len(MARK[0]), doc.index(MARK[1])
-    DOC.write_text(doc[:start] + "\n" + table(results) + "\n" + doc[end:])
+    DOC.write_text(doc[:start] + "\n" + table(results) + "\n\n" + vllm_table(out) + doc[end:])
 
 
 def main():
@@ -180,7 +195,7 @@ def main():
     args = p.parse_args()
     out = Path(args.out)
     if args.report:
-        write_doc(json.loads((out / "results.json").read_text()))
+        write_doc(json.loads((out / "results.json").read_text()), out)
         return
     torch.set_num_threads(args.threads)
     cpu = re.sub(r"\s+", " ", next((line.split(":", 1)[1] for line in open("/proc/cpuinfo") if "model name" in line),
@@ -194,7 +209,7 @@ def main():
             results["models"][name] = {"rows": run_model(name, args, Path(work))}
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_doc(results)
+    write_doc(results, out)
     print(table(results))
 
 

