@@ -209,7 +209,7 @@ def run_cell(model_name: str, spec: str, args) -> dict:
               "load_quantize_s": quant_s, "peak_rss_increase_bytes": (peak_rss - rss_before) * 1024,
               "peak_anon_rss_increase_bytes": (anon.peak - anon.start) * 1024,
               "bf16_model_bytes": bf16_bytes}
-    if method == "hqq":
+    if method == "hqq" and config is None:  # the `hqq` package baseline, not lowbit's `hqq:...` spec
         result["memory_bytes"], result["bits_per_weight"] = _hqq_sizes(model)
         result["checkpoint_bytes"] = None
     else:
