@@ -26,13 +26,13 @@ def char_tokenizer():
 
 def build_tiny(arch: str, path: Path, **overrides) -> Path:
     """A random tiny causal LM saved in fp32 with a tokenizer; intermediate 176 = 11·16 is an odd width on purpose."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=80, hidden_size=128, intermediate_size=176, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     common.update(overrides)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch](**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(path)

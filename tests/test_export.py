@@ -51,13 +51,16 @@ def stories_w4(tmp_path_factory):
     return quantize(STORIES, tmp_path_factory.mktemp("s") / "stories-w4g64", bits=4, group_size=64)
 
 
+def tiny_w4(root, arch: str, pre_tokenizer: str):
+    """A tiny random model (odd intermediate width 176, tied head) with a byte-level tokenizer, 4-bit g32."""
+    src = build_tiny(arch, root / "src", vocab_size=400, tie_word_embeddings=True)
+    byte_level_tokenizer(src, pre_tokenizer)
+    return quantize(src, root / f"{arch}-w4g32", bits=4, group_size=32)
+
+
 @pytest.fixture(scope="module")
 def qwen2_w4(tmp_path_factory):
-    """A tiny random Qwen2 (q/k/v biases, tied head, odd intermediate width 176) with a byte-level tokenizer."""
-    root = tmp_path_factory.mktemp("q")
-    src = build_tiny("qwen2", root / "src", vocab_size=400, tie_word_embeddings=True)
-    byte_level_tokenizer(src, "qwen2")
-    return quantize(src, root / "qwen2-w4g32", bits=4, group_size=32)
+    return tiny_w4(tmp_path_factory.mktemp("q"), "qwen2", "qwen2")  # q/k/v biases
 
 
 def read_gguf(path):
@@ -181,6 +184,33 @@ def test_llama_cpp_runs_the_export_like_transformers(stories_w4, qwen2_w4, tmp_p
             with torch.no_grad():
                 ref = model(torch.tensor([prompt])).logits[0].float()
             assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
+
+
+@pytest.mark.parametrize("arch, pre_tokenizer, q_norm", [("qwen3", "qwen2", True), ("mistral", "llama-bpe", False)])
+def test_gguf_other_architectures(arch, pre_tokenizer, q_norm, tmp_path):
+    """Qwen3 (q/k norms) and Mistral (llama.cpp's llama architecture, so q/k rows in its RoPE order):
+    the file holds them, and llama.cpp, where installed, computes the same next-token logits."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_w4(tmp_path, arch, pre_tokenizer)
+    export(folder, "gguf", dst=tmp_path / "m.gguf", progress=False)
+    _, tensors, fields = read_gguf(tmp_path / "m.gguf")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    cfg = model.config
+    assert fields["general.architecture"] == ("qwen3" if arch == "qwen3" else "llama")
+    assert fields["tokenizer.ggml.pre"] == pre_tokenizer
+    assert ("blk.0.attn_q_norm.weight" in tensors) == q_norm
+    order = None if arch == "qwen3" else llama_row_order(cfg.num_attention_heads * cfg.head_dim,
+                                                          cfg.num_attention_heads)
+    check_q4_1(tensors["blk.0.attn_q.weight"], model.model.layers[0].self_attn.q_proj, order)
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `llama` extra) is not installed")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_batch=1, n_threads=2, n_ctx=64, logits_all=True, verbose=False)
+    prompt = list(range(5, 29))
+    llm.eval(prompt)
+    ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
 
 
 @pytest.fixture(scope="module")
