@@ -30,6 +30,7 @@ def _help(opt, method) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .formats import FORMATS, gguf
     from .registry import methods
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit quantization for transformers models.")
@@ -55,9 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a lowbit checkpoint for llama.cpp (GGUF) or vLLM (compressed-tensors)")
     x.add_argument("--src", required=True, help="lowbit output folder or Hub repo id")
-    x.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
+    x.add_argument("--format", required=True, choices=sorted(FORMATS))
     x.add_argument("--dst", help="output path (default: ./<src name>.gguf or ./<src name>-ct)")
-    x.add_argument("--unquantized-type", choices=("bf16", "f16", "f32", "q8_0"),
+    x.add_argument("--unquantized-type", choices=gguf.UNQUANTIZED_TYPES,
                    help="gguf: how the tensors lowbit kept unquantized are stored (default: the checkpoint's dtype; "
                         "q8_0 re-quantizes them, smaller and faster, not exact)")
     x.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
