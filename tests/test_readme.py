@@ -1,4 +1,4 @@
-"""The README's two commands, exactly as written, on a fresh checkout (nothing beside it is needed)."""
+"""The README's two commands and its deployment commands, exactly as written, on a fresh checkout (nothing beside it is needed)."""
 import re
 import shlex
 from pathlib import Path
@@ -10,11 +10,11 @@ from lowbit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[list[str]]:
+def readme_commands(section_title: str = "## The two commands") -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
-    section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    section = text.split(section_title, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("lowbit ")]
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.startswith("lowbit ")]
 
 
 def test_the_readme_commands_run_offline_from_the_checkout(tmp_path, monkeypatch):
@@ -29,3 +29,12 @@ def test_the_readme_commands_run_offline_from_the_checkout(tmp_path, monkeypatch
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "mit" and card.data.eval_results[0].metric_type == "perplexity"
+
+    # the quick start's deployment commands, on the folder the first command wrote
+    deploy = [c for c in readme_commands("## Quick start in Python") if c[1] in ("export", "quantize")]
+    assert [c[1] for c in deploy] == ["export", "quantize", "export"]
+    for command in deploy:
+        args = [str(ROOT / a) if a.startswith("examples/") else a for a in command[1:]]
+        assert main(args) == 0, command
+    assert (tmp_path / "stories260k-HQQ_w4_g64.gguf").stat().st_size > 0
+    assert (tmp_path / "stories260k-HQQ_w4_g64_zint-ct" / "config.json").is_file()
