@@ -3,8 +3,8 @@
     python scripts/export_benchmark.py --models smollm2-135m-perm qwen2.5-0.5b-perm --threads 2
 
 Per model: an F16 GGUF (lowbit's writer on the unquantized model), llama.cpp's own Q4_1 and Q4_K_M
-quantization of it (`llama_cpp.llama_model_quantize`), and lowbit HQQ 4-bit g32 and g64 exported to
-Q4_1 (g64 also with the unquantized embeddings/head as Q8_0). Each file's WikiText-2 perplexity
+quantization of it (`llama_cpp.llama_model_quantize`), and lowbit HQQ 4-bit g32 and g64, with float
+and with integer zero points, exported to Q4_1 (g64 also with the unquantized embeddings/head as Q8_0). Each file's WikiText-2 perplexity
 through llama.cpp (the same token ids and windows as `lowbit eval`, evaluated 512 tokens per batch),
 and decode tokens/s at batch 1 (`n_batch=1`, 64 tokens after a 16-token prompt); beside them the
 lowbit checkpoints in transformers, same windows, same decode. Needs llama-cpp-python (`pip install
@@ -112,22 +112,23 @@ def run_model(name, args, work) -> dict:
         files[label] = work / f"{name}-{label.split()[-1]}.gguf"
         llama_quantize(files["F16"], files[label], ftype, args.threads)
     rows = {}
-    for group in (32, 64):
-        label = f"lowbit HQQ w4 g{group} -> Q4_1"
-        folder = work / f"{name}-hqq-w4g{group}"
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
-                                                     quantization_config=lowbit.HqqConfig(bits=4, group_size=group))
+    for group, zero in ((32, "float"), (64, "float"), (32, "integer"), (64, "integer")):
+        name_ = f"lowbit HQQ w4 g{group}" + (" int-zero" if zero == "integer" else "")
+        label = f"{name_} -> Q4_1"
+        folder = work / f"{name}-hqq-w4g{group}-{zero}"
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=torch.bfloat16, quantization_config=lowbit.HqqConfig(bits=4, group_size=group, zero_point=zero))
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(src).save_pretrained(folder)
         files[label] = work / f"{folder.name}.gguf"
         lowbit.export(folder, "gguf", dst=files[label], progress=False)
-        if group == 64:
+        if (group, zero) == (64, "float"):
             files[label + ", Q8_0 embeddings"] = work / f"{folder.name}-q8emb.gguf"
             lowbit.export(folder, "gguf", dst=files[label + ", Q8_0 embeddings"], unquantized_type="q8_0",
                           progress=False)
         ppl = perplexity(model, torch.tensor(ids), seqlen=args.seqlen, max_windows=args.windows, progress=False)
         speed = decode_speed(model, prompt_len=16, new_tokens=64)
-        rows[f"lowbit HQQ w4 g{group} in transformers"] = {
+        rows[f"{name_} in transformers"] = {
             "engine": "transformers", "ppl": ppl["ppl"], "decode_tok_s": speed["decode_tok_s"],
             "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
         del model
@@ -146,8 +147,7 @@ def table(results: dict) -> str:
                   f"batch 1, 64 tokens after 16, {results['threads']} threads)", "",
                   "| model | engine | perplexity | decode tok/s | vs transformers | file |", "|---|---|---|---|---|---|"]
         for label, r in rows.items():
-            base = next((rows[k] for k in rows if k.startswith(label.split(" -> ")[0]) and k.endswith("transformers")),
-                        None)
+            base = rows.get(label.split(" -> ")[0] + " in transformers")
             ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base and r["engine"] == "llama.cpp" else ""
             lines.append(f"| {label} | {r['engine']} | {r['ppl']:.2f} | {r['decode_tok_s']:.1f} | {ratio} | "
                          f"{r['bytes'] / 2**20:.1f} MiB |")
