@@ -143,49 +143,39 @@ def _rope_row_order(rows: int, heads: int) -> torch.Tensor:
 
 def _tensors(model, source, kind: str):
     """(HF name, bytes, GGML type, kept) for every tensor the GGUF file holds."""
+    from gguf import GGMLQuantizationType as T
     from torch import nn
 
     from ..modules import QuantLinear
 
     cfg = source.text_config
-    arch = ARCHITECTURES[cfg.model_type]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    permuted = ARCHITECTURES[cfg.model_type] in ROPE_PERMUTED
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for name, module in model.named_modules():
         if list(module.children()) or (tied and name.endswith("lm_head")):
             continue
         leaf = name.rsplit(".", 1)[-1]
-        order = None
-        if arch in ROPE_PERMUTED and leaf in heads:
-            rows = heads[leaf] * head_dim
-            order = _rope_row_order(rows, heads[leaf])
+        rows = _rope_row_order(heads[leaf] * head_dim, heads[leaf]) if permuted and leaf in heads else slice(None)
         if isinstance(module, QuantLinear):
             if module.in_features % BLOCK == 0:
-                codes, so = module.codes(), module.scale_offset
-                if order is not None:
-                    codes, so = codes[order], so[:, order]
-                from gguf import GGMLQuantizationType as T
-
-                yield f"{name}.weight", q4_1_blocks(codes, so, module.in_features, module.group_size), T.Q4_1, False
+                blocks = q4_1_blocks(module.codes()[rows], module.scale_offset[:, rows], module.in_features,
+                                     module.group_size)
+                yield f"{name}.weight", blocks, T.Q4_1, False
             else:
-                w = module.dequantize_weight()
-                yield (f"{name}.weight", *_dense(w[order] if order is not None else w, kind), True)
+                yield (f"{name}.weight", *_dense(module.dequantize_weight()[rows], kind), True)
             if module.bias is not None:
-                b = module.bias.data
-                yield (f"{name}.bias", *_dense(b[order] if order is not None else b, kind), False)
+                yield (f"{name}.bias", *_dense(module.bias.data[rows], kind), False)
             continue
         for pname, p in module.named_parameters(recurse=False):
-            t = p.data
-            if order is not None:
-                t = t[order]
             kept = isinstance(module, (nn.Linear, nn.Embedding)) and pname == "weight"
-            yield (f"{name}.{pname}", *_dense(t, kind), kept)
+            yield (f"{name}.{pname}", *_dense(p.data[rows], kind), kept)
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def _write_metadata(w, source, kind: str) -> None:
+def _write_metadata(w, source) -> None:
     import gguf
 
     cfg = source.text_config
@@ -278,7 +268,7 @@ def write(model, source, path, options, progress: bool) -> dict:
     kind = options["unquantized_type"] or {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHITECTURES[cfg.model_type].upper()], cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), ARCHITECTURES[cfg.model_type])
-    _write_metadata(w, source, kind)
+    _write_metadata(w, source)
     types, kept, notes = {}, [], []
     for hf_name, data, ggml_type, is_kept in tqdm(_tensors(model, source, kind), disable=not progress, desc="gguf",
                                                   unit="tensor"):
