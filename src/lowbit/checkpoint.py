@@ -59,7 +59,7 @@ def head_is_tied(src: str) -> bool:
     return bool(getattr(text, "tie_word_embeddings", False))
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -207,9 +207,9 @@ def render_model_card(meta: dict, name: str) -> str:
         name=name, source=source,
         method_title=method.title, method_summary=method.summary,
         settings_table="\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in settings.items()),
-        bf16_bytes_h=_human(meta["bf16_bytes"]), checkpoint_bytes_h=_human(meta["checkpoint_bytes"]),
-        linear_bf16_bytes_h=_human(meta["linear_bf16_bytes"]),
-        linear_packed_bytes_h=_human(meta["linear_packed_bytes"]),
+        bf16_bytes_h=human_size(meta["bf16_bytes"]), checkpoint_bytes_h=human_size(meta["checkpoint_bytes"]),
+        linear_bf16_bytes_h=human_size(meta["linear_bf16_bytes"]),
+        linear_packed_bytes_h=human_size(meta["linear_packed_bytes"]),
         linear_ratio=meta["linear_packed_bytes"] / max(1, meta["linear_bf16_bytes"]),
         layers_quantized=len(meta["layers_quantized"]), layers_kept=len(meta["layers_kept"]),
         dtype=meta["dtype"], seconds=meta["seconds"], lowbit_version=meta["versions"]["lowbit"],
@@ -246,9 +246,10 @@ def summary(meta: dict, dst: str) -> str:
         f"  output      {dst}",
         "  settings    " + ", ".join(f"{k}={v}" for k, v in s.items()),
         f"  layers      {len(meta['layers_quantized'])} quantized, {len(meta['layers_kept'])} kept in {meta['dtype']}",
-        f"  linears     {_human(meta['linear_bf16_bytes'])} bf16 -> {_human(meta['linear_packed_bytes'])} packed ({ratio:.3f}x)",
-        f"  checkpoint  {_human(meta['checkpoint_bytes'])} (model in bf16: {_human(meta['bf16_bytes'])})",
-        f"  peak RSS    {_human(meta['peak_rss_bytes_while_quantizing'])}",
+        f"  linears     {human_size(meta['linear_bf16_bytes'])} bf16 -> "
+        f"{human_size(meta['linear_packed_bytes'])} packed ({ratio:.3f}x)",
+        f"  checkpoint  {human_size(meta['checkpoint_bytes'])} (model in bf16: {human_size(meta['bf16_bytes'])})",
+        f"  peak RSS    {human_size(meta['peak_rss_bytes_while_quantizing'])}",
         f"  files       model.safetensors, config.json, tokenizer, {METADATA_FILE}, README.md",
     ]
     return "\n".join(lines)

@@ -46,8 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
         kind = {"action": "store_true"} if opts[0].type is None else {"type": opts[0].type}
         group.add_argument(flag, dest=_dest(flag), help=f"[{', '.join(m.name for m in owners)}] {text}", **kind)
     q.add_argument("--for", dest="target", choices=sorted(FOR_TARGETS),
-                   help="pick settings an engine runs exactly: 4-bit HQQ with integer zero points, which exports to gguf "
-                        "(llama.cpp) and to compressed-tensors (vllm); the method's other flags may refine them")
+                   help="pick settings an engine runs exactly: 4-bit HQQ with integer zero points, which exports "
+                        "to gguf (llama.cpp) and to compressed-tensors (vllm); other flags may refine them")
     q.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype of scales, offsets and unquantized layers (default bfloat16)")
     q.add_argument("--seed", type=int, default=13, help="seeds torch, and picks the calibration windows")
@@ -79,11 +79,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# `lowbit quantize --for ENGINE`: settings that export exactly to that engine's format
-# (integer zero points for GGUF too: measured below llama.cpp's own Q4_1 on both benchmark models, see
-# docs/deployment.md, and the same checkpoint then also exports to compressed-tensors)
-FOR_TARGETS = {"gguf": {"method": "hqq", "bits": 4, "zero_point": "integer"},
-               "vllm": {"method": "hqq", "bits": 4, "zero_point": "integer"}}
+# `lowbit quantize --for ENGINE`: settings that export exactly to that engine's format. One set serves
+# both: GGUF holds float zero points too, but integer ones also export to compressed-tensors, and
+# docs/deployment.md compares the two against llama.cpp's own quantizer.
+EXPORTABLE = {"method": "hqq", "bits": 4, "zero_point": "integer"}
+FOR_TARGETS = {"gguf": EXPORTABLE, "vllm": EXPORTABLE}
 
 
 def _config(args):

@@ -5,19 +5,19 @@ An export moves the checkpoint's own codes, scales and offsets into the engine's
 re-quantized. What a format cannot hold exactly is refused before any work (`check`), and the output
 is written to a temporary path beside `dst` and renamed into place at the end.
 
-A format is a module with `NAME`, `default_dst(name)`, `check(source, options)` and
-`write(model, source, path, options, progress) -> dict` (the summary's figures).
+A format is a module with `NAME`, `default_dst(name)`, `options(source, **settings)`,
+`check(source, options)` (config and tokenizer), `check_weights(model, source, options)` (what only the
+weights tell, still before writing) and `write(model, source, path, options, progress) -> dict` (the
+summary's figures).
 """
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from ..checkpoint import human_size
 from . import compressed_tensors, gguf
 from .source import Source
-
-logger = logging.getLogger(__name__)
 
 FORMATS = {m.NAME: m for m in (gguf, compressed_tensors)}
 
@@ -56,22 +56,16 @@ def export(model_or_path, format: str, dst: str | None = None, overwrite: bool =
     return {"format": format, "source": source.label, "dst": str(dst), **summary}
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
 def format_summary(summary: dict) -> str:
     """The one-screen report `lowbit export` prints."""
     kept = summary["kept"]
     lines = [f"lowbit export: {summary['format']} written",
              f"  source    {summary['source']}",
-             f"  output    {summary['dst']} ({_human(summary['bytes'])})",
+             f"  output    {summary['dst']} ({human_size(summary['bytes'])})",
              "  tensors   " + ", ".join(f"{n} {t}" for t, n in sorted(summary["tensor_types"].items()))]
     if kept:
         lines.append(f"  kept in {summary['kept_type']} (not quantized by lowbit, or a width the format's "
-                     f"blocks cannot hold): " + ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else ""))
+                     f"blocks cannot hold): " + ", ".join(kept[:6])
+                     + (f" and {len(kept) - 6} more" if len(kept) > 6 else ""))
     lines += [f"  {line}" for line in summary.get("notes", [])]
     return "\n".join(lines)

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 NAME = "compressed-tensors"
-SUPPORTED = "4-bit HQQ checkpoints with integer zero points (lowbit quantize --method hqq --bits 4 --zero-point integer)"
+SUPPORTED = ("4-bit HQQ checkpoints with integer zero points "
+             "(lowbit quantize --method hqq --bits 4 --zero-point integer)")
 PACK = 8  # 4-bit values per int32
 
 
@@ -33,11 +34,9 @@ def options(source, unquantized_type=None) -> dict:
 
 
 def check(source, options) -> None:
+    source.require_4bit_hqq(f"the compressed-tensors export holds {SUPPORTED} exactly (W4A16)",
+                            "Re-quantize with `lowbit quantize --for vllm`")
     qc = source.quantization
-    if qc["quant_method"] != "lowbit_hqq" or qc.get("bits") != 4:
-        what = f"{qc['quant_method']}" + (f" at {qc['bits']} bits" if "bits" in qc else "")
-        raise ValueError(f"{source.label}: the compressed-tensors export holds {SUPPORTED} exactly (W4A16); this "
-                         f"checkpoint is {what}. Re-quantize with `lowbit quantize --for vllm`")
     if qc.get("zero_point", "float") != "integer":
         raise ValueError(f"{source.label}: compressed-tensors stores integer zero points and this checkpoint's are "
                          f"floats (zero_point={qc.get('zero_point', 'float')!r}), so it cannot be exported exactly. "

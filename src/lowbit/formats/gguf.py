@@ -45,11 +45,8 @@ def options(source, unquantized_type=None) -> dict:
 
 def check(source, options) -> None:
     """Everything the config and tokenizer tell, before any weight is read."""
-    qc = source.quantization
-    if qc["quant_method"] != "lowbit_hqq" or qc.get("bits") != 4:
-        what = f"{qc['quant_method']}" + (f" at {qc['bits']} bits" if "bits" in qc else "")
-        raise ValueError(f"{source.label}: GGUF export holds {SUPPORTED} exactly as Q4_1; this checkpoint is {what}. "
-                         f"Re-quantize with `lowbit quantize --method hqq --bits 4` (or `--for gguf`)")
+    source.require_4bit_hqq(f"GGUF export holds {SUPPORTED} exactly as Q4_1",
+                            "Re-quantize with `lowbit quantize --method hqq --bits 4` (or `--for gguf`)")
     model_type = source.text_config.model_type
     if model_type not in ARCHITECTURES:
         raise ValueError(f"{source.label}: GGUF export supports the architectures {sorted(ARCHITECTURES)}, "

@@ -77,6 +77,13 @@ class Source:
                                     f"the vocabulary: save the tokenizer with the checkpoint, or pass tokenizer=")
         return self.tokenizer_dir
 
+    def require_4bit_hqq(self, holds: str, fix: str) -> None:
+        """Both formats hold 4-bit HQQ codes only: `holds` says what the format holds, `fix` how to get it."""
+        qc = self.quantization
+        if qc["quant_method"] != "lowbit_hqq" or qc.get("bits") != 4:
+            what = qc["quant_method"] + (f" at {qc['bits']} bits" if "bits" in qc else "")
+            raise ValueError(f"{self.label}: {holds}; this checkpoint is {what}. {fix}")
+
     @property
     def text_config(self):
         return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
