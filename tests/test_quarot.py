@@ -85,11 +85,12 @@ def test_quant_linear_integer_path_equals_fake_quant_reference(bits, transform):
     torch.manual_seed(0)
     linear = torch.nn.Linear(352, 48, bias=True)
     q = QuantLinear.from_linear(linear, 4, 32, solver="rtn_clip", act_bits=bits, input_transform=transform)
-    assert q.layout == "int8_groups"
+    assert q.layout == "int8_channel"
     x = torch.randn(3, 5, 352)
     xt = hadamard.hadamard_transform(x) if transform else x
-    w = q.dequantize_weight(torch.float64)
-    ref = Q.fake_quantize_activations(xt, bits, ACT_CLIP[bits]).double() @ w.T + linear.bias.double()
+    w8 = q.int8_weight.double() * q.int8_scale[:, None].double()  # the weight re-rounded per channel
+    assert ((w8 - q.dequantize_weight(torch.float64)).abs() <= q.int8_scale[:, None] / 2 + 1e-9).all()
+    ref = Q.fake_quantize_activations(xt, bits, ACT_CLIP[bits]).double() @ w8.T + linear.bias.double()
     y = q(x).double()
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     state = q.state_dict()  # the portable layout, whatever the runtime one

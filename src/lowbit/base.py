@@ -115,6 +115,12 @@ class LowbitHfQuantizer(HfQuantizer):
     def is_trainable(self):
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        """lowbit's modules and KV cache trace without graph breaks, so `generate` compiles the decode
+        step when asked to (a static cache and a `CompileConfig`)."""
+        return True
+
     def update_dtype(self, dtype):
         if dtype is None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dtype = torch.bfloat16

@@ -100,49 +100,60 @@ def factor(n: int) -> tuple[int, int]:
 def hadamard_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
     """The dense orthonormal transform of size n (for tests and offline fusion into weights)."""
     k, m = factor(n)
-    sylvester = torch.ones(1, 1, dtype=torch.float64)
-    while sylvester.shape[0] < k:
-        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
-    return (torch.kron(sylvester, base_block(m).matrix) / math.sqrt(n)).to(dtype)
+    return (torch.kron(_sylvester(k), base_block(m).matrix) / math.sqrt(n)).to(dtype)
 
 
-def _fwht(x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) over dim -2, whose size is a power of two.
-    For a large x outside autograd the butterfly stages alternate between two buffers, x being one of
-    them when `overwrite`: the transform of a prefill's activations costs two copies of them, not three
-    per stage. A decode step's few rows take the functional stages, which dispatch faster."""
-    lead, (n, m) = x.shape[:-2], x.shape[-2:]
-    functional = (torch.is_grad_enabled() and x.requires_grad) or x.numel() < 1 << 16  # autograd: no out=
-    src = x
-    dst = None if functional else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = 1
-    while h < n:
-        a, b = src.reshape(*lead, n // (2 * h), 2, h, m).unbind(-3)
-        if functional:
-            src = torch.stack([a + b, a - b], dim=-3).reshape(x.shape)
-        else:
-            out = dst.view(*lead, n // (2 * h), 2, h, m)
-            torch.add(a, b, out=out.select(-3, 0))
-            torch.sub(a, b, out=out.select(-3, 1))
-            src, dst = dst, (torch.empty_like(dst) if src is x and not overwrite else src)
-        h *= 2
-    return src
+SYLVESTER_FACTOR = 64  # the power-of-two part is applied as Sylvester factors of at most this size
+
+
+def _sylvester(k: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < k:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+_FACTORS = {}  # (n, inverse, dtype, device) -> _factors(...): a plain dict, which torch.compile reads as constants
+
+
+def _factors(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(size, matrix) of each Kronecker factor of the size-n transform, in axis order, each the matrix
+    its axis is multiplied by from the right: Sylvester blocks (symmetric) then B_m (transposed for the
+    inverse); 1/√n folded into the first."""
+    k, m = factor(n)
+    sizes = []
+    while k > 1:
+        sizes.append(min(k, SYLVESTER_FACTOR))
+        k //= sizes[-1]
+    mats = [_sylvester(s) for s in sizes]
+    if m > 1:
+        sizes.append(m)
+        mats.append(base_block(m).matrix.T if inverse else base_block(m).matrix)
+    if mats:
+        mats[0] = mats[0] / math.sqrt(n)
+    return tuple(zip(sizes, (t.to(dtype=dtype, device=device) for t in mats)))
+
+
+def _cached_factors(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> tuple:
+    key = (n, inverse, dtype, device)
+    if key not in _FACTORS:
+        _FACTORS[key] = _factors(*key)
+    return _FACTORS[key]
 
 
 def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """x @ hadamard_matrix(n) (or its transpose, the inverse) over the last dim, in O(n log n) for the
-    power-of-two part."""
+    """x @ hadamard_matrix(n) (or its transpose, the inverse) over the last dim. The transform is a
+    Kronecker product of small factors, so it runs as one small matmul per factor, each along its axis
+    of x viewed [..., f1, f2, ..., m]: a few ops per call whatever the size, autograd included, and per
+    element as many multiply-adds as the factor sizes add up to."""
     n = x.shape[-1]
-    k, m = factor(n)
-    y = x.reshape(*x.shape[:-1], k, m)
-    if m > 1:
-        block = base_block(m).matrix
-        y = y @ (block.T if inverse else block).to(device=x.device, dtype=x.dtype)
-    if k > 1:
-        y = _fwht(y, overwrite=m > 1)  # the block product is already a copy
-    if n == 1:  # nothing was computed: y is x, which is not ours to scale
-        y = y.clone()
-    return y.div_(math.sqrt(n)).reshape(x.shape)
+    factors = _cached_factors(n, inverse, x.dtype, x.device)
+    if not factors:  # n == 1
+        return x.clone()
+    y = x.reshape(-1, *(size for size, _ in factors))
+    for axis in range(len(factors), 0, -1):  # the last axis first: its product needs no move
+        y = (y.movedim(axis, -1) @ factors[axis - 1][1]).movedim(-1, axis)
+    return y.reshape(x.shape)
 
 
 ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's float32 copies stay this small

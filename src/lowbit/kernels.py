@@ -65,58 +65,27 @@ def int4_cpu_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scal
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
-INT8_BLOCK_ELEMENTS = 1 << 18  # output elements per row block of int8_group_linear
+def int8_channel_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [N, K] as int8 [N, K] with one float32 scale per output channel, symmetric, the
+    nearest codes to each weight (|error| <= scale / 2): the layout of one `torch._int_mm` per layer,
+    whose epilogue is a single per-channel multiply. Group-wise codes cannot share one integer product
+    (each group's dot product would need its own scale), so the group-quantized weight is re-rounded
+    once, at load, onto a per-channel grid 127 steps wide (QServe's progressive layout, without its
+    second-level integer scales)."""
+    w = weight.float()
+    scale = (w.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
 
 
-def int8_group_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_grouped: torch.Tensor,
-                      scale_offset: torch.Tensor) -> torch.Tensor:
-    """y = Q(x) @ Wᵀ in integer arithmetic (torch._int_mm) for quantized activations and weights.
-
-    x_codes int8 [M, K_pad] with a float32 scale per row `x_scale` [M, 1]; `w_grouped` int8
-    [groups, group_size, N] holding q − 2^(bits−1) (see `group_weight_for_int8`); scale_offset
-    [groups, N, 2]. Each group's exact int32 products are scaled and summed in float32; the offsets
-    need only the activations' group sums: y = x_scale · (Σ_g scale_g · (x_g · w_g) + Σ_g offset_g · Σ x_g).
-    Long inputs run in row blocks whose [rows, N] partial products stay in cache (prefill is faster so)."""
-    groups, group_size, n = w_grouped.shape
-    m = x_codes.shape[0]
-    if 1 < groups and m * groups <= SMALL_M_ROWS:
-        return _int8_group_linear_small_m(x_codes, x_scale, w_grouped, scale_offset)
-    rows = max(64, INT8_BLOCK_ELEMENTS // n)
-    if m > rows:
-        return torch.cat([int8_group_linear(x_codes[i:i + rows], x_scale[i:i + rows], w_grouped, scale_offset)
-                          for i in range(0, m, rows)])
-    xg = x_codes.view(m, groups, group_size)
-    so = scale_offset.float()
-    row_sums = xg.sum(-1, dtype=torch.int32).float()  # [M, groups]
-    y = row_sums @ so[:, :, 1]  # the offsets' share, one small matmul
-    if groups == 1:
-        return (y + torch._int_mm(x_codes, w_grouped[0]).float() * so[0, :, 0]) * x_scale
-    for g in range(groups):
-        y.addcmul_(torch._int_mm(xg[:, g].contiguous(), w_grouped[g]).float(), so[g, :, 0])
-    return y.mul_(x_scale)
+def int8_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
+    """Shapes `torch._int_mm` takes: any on CPU; on CUDA more than 16 rows and K, N multiples of 8."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0
 
 
-SMALL_M_ROWS = 256  # up to this many (token, group) rows, one block-diagonal product beats a loop
-
-
-def _int8_group_linear_small_m(x_codes, x_scale, w_grouped, scale_offset):
-    """Decode-sized inputs: every group's dot products from one `_int_mm`, the activations spread
-    block-diagonally ([M·groups, K], group g's codes in row (m, g), zeros elsewhere). Python overhead
-    dominates at M = 1, and this is one call instead of one per group."""
-    groups, group_size, n = w_grouped.shape
-    m = x_codes.shape[0]
-    xg = x_codes.view(m, groups, 1, group_size)
-    spread = torch.zeros(m, groups, groups, group_size, dtype=torch.int8, device=x_codes.device)
-    spread.diagonal(dim1=1, dim2=2).copy_(xg.squeeze(2).transpose(1, 2))
-    dots = torch._int_mm(spread.view(m * groups, groups * group_size), w_grouped.view(groups * group_size, n))
-    so = scale_offset.float()
-    y = (dots.view(m, groups, n).float() * so[:, :, 0]).sum(1)
-    y += xg.sum(-1, dtype=torch.int32).view(m, groups).float() @ so[:, :, 1]
-    return y.mul_(x_scale)
-
-
-def group_weight_for_int8(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """uint8 codes [N, K_pad] -> int8 [groups, group_size, N], centred: the layout `int8_group_linear` reads."""
-    n, k = codes.shape
-    centred = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
-    return centred.view(n, k // group_size, group_size).permute(1, 2, 0).contiguous()
+def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor,
+                w_scale: torch.Tensor) -> torch.Tensor:
+    """Q(x) @ Wᵀ for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
+    `int8_channel_weight` [N, K]: exact int32 dot products from one `torch._int_mm`, scaled in float32."""
+    return torch._int_mm(x_codes, w_int8.t()).float().mul_(x_scale).mul_(w_scale)

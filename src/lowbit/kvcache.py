@@ -14,13 +14,16 @@ applied before quantizing and undone after, without touching the attention code;
 Values need no run-time rotation: `rotation.rotate_values` already rotated v_proj's output per head.
 
 `install(model, bits, rotate_keys)` makes every forward of the model use such a cache: `generate`
-(whose default empty DynamicCache is swapped for one), and calls without a cache, which get a
-throwaway one so that they quantize the same way.
+(whose default empty DynamicCache is swapped for one, and an empty StaticCache for a static one of the
+same length), and calls without a cache, which get a throwaway one so that they quantize the same way.
+The static layers (`StaticQuantizedKVLayer`) preallocate the packed codes and write each step in place:
+shapes never change, so `torch.compile` (`generate(..., cache_implementation="static")`) compiles the
+decode step once.
 """
 import inspect
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from . import packing
 from .hadamard import hadamard_transform
@@ -90,21 +93,27 @@ def key_statistics(model) -> list:
     return stats
 
 
-class QuantizedKVLayer(DynamicLayer):
-    """One decoder layer's packed keys and values, [batch, kv_heads, tokens, ·]; `key_stats`: the
-    (centre, scale) of `key_statistics` for this layer, or None to quantize the keys as they are."""
+class _KeyMap:
+    """The invertible map of the keys around quantization (see the module docstring), shared by the
+    dynamic and the static layer. `key_stats`: the (centre, scale) of `key_statistics` for this layer,
+    or None to quantize the keys as they are."""
 
-    def __init__(self, bits: int, rotate_keys: bool, key_stats=None):
-        super().__init__()
+    def _init_keys(self, bits: int, rotate_keys: bool, key_stats):
         self.bits, self.rotate_keys, self.key_stats = bits, rotate_keys, key_stats
-        self.cumulative_length = 0
-        self.stored = None  # {"k": codes, "k_so": scale/offset, "v": ..., "v_so": ...}
 
-    def lazy_initialization(self, key_states, value_states):
-        self.dtype, self.device = key_states.dtype, key_states.device
+    def _place_key_stats(self, key_states):
+        self.dtype = key_states.dtype
         if self.key_stats is not None:  # [kv_heads, 1, head_dim]: broadcast over batch and tokens
-            self.key_stats = tuple(t.to(self.device).unsqueeze(1) for t in self.key_stats)
-        self.is_initialized = True
+            self.key_stats = tuple(t.to(key_states.device).unsqueeze(1) for t in self.key_stats)
+
+    def _quantize(self, key_states, value_states) -> dict:
+        k, k_so = quantize_states(self._normalise_keys(key_states), self.bits)
+        v, v_so = quantize_states(value_states, self.bits)
+        return {"k": k, "k_so": k_so, "v": v, "v_so": v_so}
+
+    def _dequantize(self, stored: dict):
+        keys = self._restore_keys(dequantize_states(stored["k"], stored["k_so"], self.bits))
+        return keys, dequantize_states(stored["v"], stored["v_so"], self.bits)
 
     def _normalise_keys(self, keys: torch.Tensor) -> torch.Tensor:
         x = keys.float()
@@ -123,20 +132,31 @@ class QuantizedKVLayer(DynamicLayer):
             x = x.float() * scale + centre
         return x.to(self.dtype)
 
+
+class QuantizedKVLayer(_KeyMap, DynamicLayer):
+    """One decoder layer's packed keys and values, [batch, kv_heads, tokens, ·], growing by concatenation."""
+
+    def __init__(self, bits: int, rotate_keys: bool, key_stats=None):
+        super().__init__()
+        self._init_keys(bits, rotate_keys, key_stats)
+        self.cumulative_length = 0
+        self.stored = None  # {"k": codes, "k_so": scale/offset, "v": ..., "v_so": ...}
+
+    def lazy_initialization(self, key_states, value_states):
+        self._place_key_stats(key_states)
+        self.device = key_states.device
+        self.is_initialized = True
+
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        key_states = self._normalise_keys(key_states)
-        k, k_so = quantize_states(key_states, self.bits)
-        v, v_so = quantize_states(value_states, self.bits)
-        new = {"k": k, "k_so": k_so, "v": v, "v_so": v_so}
+        new = self._quantize(key_states, value_states)
         if self.stored is None:
             self.stored = new
         else:
             self.stored = {name: torch.cat([self.stored[name], t], dim=-2) for name, t in new.items()}
         self.cumulative_length += key_states.shape[-2]
-        keys = self._restore_keys(dequantize_states(self.stored["k"], self.stored["k_so"], self.bits))
-        return keys, dequantize_states(self.stored["v"], self.stored["v_so"], self.bits)
+        return self._dequantize(self.stored)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -168,16 +188,59 @@ class QuantizedKVLayer(DynamicLayer):
             self.cumulative_length += tokens_to_remove
 
 
-class QuantizedKVCache(Cache):
-    """The cache of a model whose KV cache is quantized at `bits` (see the module docstring)."""
+class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
+    """One decoder layer's packed keys and values in buffers of `max_cache_len` tokens, written in place
+    (transformers' StaticLayer with packed storage): every step dequantizes the whole buffer, a fixed
+    shape, the positions not yet written masked by attention."""
 
-    def __init__(self, num_layers: int, bits: int, rotate_keys: bool = True, key_stats: list | None = None):
+    def __init__(self, max_cache_len: int, bits: int, rotate_keys: bool, key_stats=None):
+        super().__init__(max_cache_len)
+        self._init_keys(bits, rotate_keys, key_stats)
+
+    def lazy_initialization(self, key_states, value_states):
+        self._place_key_stats(key_states)
+        self.device = key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        tokens = (batch, heads, self.max_cache_len)
+        self.stored = {name: torch.zeros(*tokens, head_dim * self.bits // 8, dtype=torch.uint8, device=self.device)
+                       for name in ("k", "v")}
+        self.stored.update({name: torch.zeros(*tokens, 2, dtype=key_states.dtype, device=self.device)
+                            for name in ("k_so", "v_so")})
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():  # fixed addresses: the compiled step reads them in place
+            for t in (*self.stored.values(), self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(key_states.shape[-2])
+        for name, t in self._quantize(key_states, value_states).items():
+            self.stored[name].index_copy_(2, positions, t)
+        return self._dequantize(self.stored)
+
+    def nbytes(self) -> int:  # the buffers as allocated, for max_cache_len tokens
+        return sum(t.numel() * t.element_size() for t in self.stored.values()) if self.is_initialized else 0
+
+
+class QuantizedKVCache(Cache):
+    """The cache of a model whose KV cache is quantized at `bits` (see the module docstring); with
+    `max_cache_len`, static (preallocated, compilable) layers."""
+
+    def __init__(self, num_layers: int, bits: int, rotate_keys: bool = True, key_stats: list | None = None,
+                 max_cache_len: int | None = None):
         if bits not in (4, 8):
             raise ValueError(f"kv_bits must be 4 or 8 for a quantized KV cache, got {bits!r}")
         if key_stats is not None and len(key_stats) != num_layers:
             raise ValueError(f"key_stats must hold one (centre, scale) per layer: {len(key_stats)} for {num_layers}")
-        super().__init__(layers=[QuantizedKVLayer(bits, rotate_keys, None if key_stats is None else key_stats[i])
-                                 for i in range(num_layers)])
+        stats = [None if key_stats is None else key_stats[i] for i in range(num_layers)]
+        if max_cache_len is None:
+            layers = [QuantizedKVLayer(bits, rotate_keys, s) for s in stats]
+        else:
+            layers = [StaticQuantizedKVLayer(max_cache_len, bits, rotate_keys, s) for s in stats]
+        super().__init__(layers=layers)
         self.bits, self.key_stats = bits, key_stats
 
     def nbytes(self) -> int:
@@ -200,11 +263,14 @@ def install(model, bits: int, rotate_keys: bool = True) -> None:
         cache = given[0] if given else None
         mine = isinstance(cache, QuantizedKVCache) and cache.key_stats is key_stats
         if not mine:
-            if cache is not None and not (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            empty = cache is not None and type(cache) in (DynamicCache, StaticCache) and cache.get_seq_length() == 0
+            if cache is not None and not empty:
                 raise ValueError(f"this model quantizes its KV cache to {bits} bits in a lowbit QuantizedKVCache "
                                  f"of its own; got a {type(cache).__name__} it did not make. Pass no cache (or an "
-                                 f"empty DynamicCache), or the cache an earlier call of this model returned.")
-            cache = QuantizedKVCache(num_layers, bits, rotate_keys, key_stats)
+                                 f"empty DynamicCache or StaticCache), or the cache an earlier call of this model "
+                                 f"returned.")
+            length = cache.get_max_length() if isinstance(cache, StaticCache) else None
+            cache = QuantizedKVCache(num_layers, bits, rotate_keys, key_stats, max_cache_len=length)
         kwargs[name] = cache
         return args, kwargs
 

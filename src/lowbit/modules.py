@@ -17,9 +17,14 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 - `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
   (learned, Householder) instead of ACT_CLIP[act_bits];
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped as ACT_CLIP[act_bits] says)
-  and the product runs in integers with `torch._int_mm` per weight group (`kernels.int8_group_linear`);
-  the runtime layout is then "int8_groups", one byte per weight code.
+  and the product is one `torch._int_mm` (`kernels.int8_linear`) with the weight re-rounded at load onto
+  a per-channel int8 grid (`kernels.int8_channel_weight`, runtime buffers beside the packed codes, which
+  stay for saving): layout "int8_channel". Where `_int_mm` does not take the shape (CUDA below 17
+  tokens), the layer computes the float reference instead, fake-quantized input times the dequantized
+  weight, and says so once in the log.
 """
+import logging
+
 import torch
 from torch import nn
 
@@ -30,6 +35,7 @@ from .quantize import (dequantize, padded_in_features, quantize_activations, qua
 
 SOLVERS = {"hqq": quantize_hqq, "hqq_integer_zero": quantize_hqq_integer_zero, "rtn": quantize_rtn,
            "rtn_clip": quantize_rtn_clip}
+logger = logging.getLogger(__name__)
 # Activation clipping ratio per bit width. 4 bits: None, each token's ratio searched for the least
 # squared error (`quantize.ACT_CLIP_GRID`): the best fixed ratio (QuaRot's 0.9) differs from model to
 # model, and a per-token search is close to the best fixed one on each. 8 bits: not clipped (8 bits
@@ -71,9 +77,13 @@ class QuantLinear(nn.Module):
         # float32, not the loader's default dtype
         self.register_buffer("act_clip_ratio", torch.empty((), dtype=torch.float32, device=device)
                              if learned_act_clip else None)
-        self.layout = "packed"  # "int4_cpu" / "int8_groups" once prepare_runtime() ran
+        self.layout = "packed"  # "int4_cpu" / "int8_channel" once prepare_runtime() ran
         # 8 bits on the int4 kernel: the scale_offset tables of the high and low halves (runtime only)
         self.register_buffer("nibble_scale_offsets", None, persistent=False)
+        # "int8_channel": the weight as int8 [out, in] and its float32 scale per output channel (runtime only)
+        self.register_buffer("int8_weight", None, persistent=False)
+        self.register_buffer("int8_scale", None, persistent=False)
+        self._warned_fallback = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, solver="hqq",
@@ -100,8 +110,6 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The unpacked uint8 codes [out, in_pad], whatever the current layout."""
         n, k = self.out_features, self.padded_in_features
-        if self.layout == "int8_groups":
-            return (self.qweight.permute(2, 0, 1).reshape(n, k).to(torch.int16) + 2 ** (self.bits - 1)).to(torch.uint8)
         if self.layout == "int4_cpu":
             if self.bits == 8:
                 high = kernels.from_int4_cpu_layout(self.qweight[:n], n, k)
@@ -114,15 +122,17 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare_runtime(self) -> "QuantLinear":
-        """Repack for the kernel this layer runs on: integer matmuls when its activations are quantized,
+        """Repack for the kernel this layer runs on: one integer matmul when its activations are quantized,
         else torch's CPU int4 kernel when the layer lives on CPU and the kernel fits."""
         if self.layout == "packed" and self.act_bits < 16:
-            codes = packing.unpack(self.qweight, self.bits)
-            self.qweight = kernels.group_weight_for_int8(codes, self.bits, self.group_size)
-            self.layout = "int8_groups"
+            self.int8_weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_weight(torch.float32))
+            self.layout = "int8_channel"
             return self
-        if (self.layout != "packed" or self.qweight.device.type != "cpu"
-                or not kernels.int4_cpu_supported(self.out_features, self.padded_in_features, self.group_size)):
+        if self.layout != "packed" or self.qweight.device.type != "cpu":
+            return self
+        if not kernels.int4_cpu_supported(self.out_features, self.padded_in_features, self.group_size):
+            logger.info("%s: torch's CPU int4 kernel does not take this shape; the weight is dequantized at each "
+                        "call", self.extra_repr())
             return self
         codes = packing.unpack(self.qweight, self.bits)
         if self.bits == 8:
@@ -148,7 +158,7 @@ class QuantLinear(nn.Module):
         codes = self.codes()
         self.qweight = packing.pack(codes.to(self.qweight.device), self.bits)
         self.layout = "packed"
-        self.nibble_scale_offsets = None
+        self.nibble_scale_offsets = self.int8_weight = self.int8_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
@@ -166,16 +176,21 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _integer_forward(self, x):
-        if self.layout != "int8_groups":
+        if self.layout != "int8_channel":
             self.prepare_runtime()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.padded_in_features != shape[-1]:
-            x2 = nn.functional.pad(x2, (0, self.padded_in_features - shape[-1]))
-        clip = ACT_CLIP[self.act_bits] if self.act_clip_ratio is None else float(self.act_clip_ratio)
+        clip = ACT_CLIP[self.act_bits] if self.act_clip_ratio is None else self.act_clip_ratio
         codes, scale = quantize_activations(x2, self.act_bits, clip)
-        y = kernels.int8_group_linear(codes, scale, self.qweight, self.scale_offset).to(x.dtype)
-        y = y.reshape(*shape[:-1], self.out_features)
+        if kernels.int8_mm_supported(x2.shape[0], self.in_features, self.out_features, x.device):
+            y = kernels.int8_linear(codes, scale, self.int8_weight, self.int8_scale)
+        else:
+            if not self._warned_fallback:
+                logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing the float reference",
+                            self.extra_repr(), x2.shape[0], self.in_features, self.out_features, x.device)
+                self._warned_fallback = True
+            y = (codes.float() * scale) @ self.dequantize_weight(torch.float32).T
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def _int4_cpu_forward(self, x):
@@ -221,6 +236,8 @@ class HouseholderRotation(nn.Module):
 
     def _factors(self):
         v = self.householder_vectors
+        if self._wy is not None and torch.compiler.is_compiling():  # a compiled step: the eager steps before set them
+            return self._wy[1]
         if self._wy is None or self._wy[0][0] is not v or self._wy[0][1] != v._version:
             self._wy = ((v, v._version), reflections.wy_factors(v.float()))
         return self._wy[1]

@@ -1,0 +1,277 @@
+"""CPU speed of every method against bf16, in one run: decode and prefill, eager and compiled.
+
+    python scripts/speed_benchmark.py --models smollm2-135m-perm qwen2.5-0.5b-perm --threads 2
+
+Per model, a checkpoint per method is made once under --checkpoints (speed does not depend on the
+weight solver, so the rotation methods use RTN and the least calibration their runtime needs:
+Householder with its PCA initialisation, no optimisation steps; SVDQuant for the NVFP4 runtime that
+ARHQ shares). Each cell then loads its checkpoint in a fresh process and measures, at batch 1:
+- prefill: tokens/s of one forward over a 512-token prompt (the last position's logits, as `generate`);
+- decode: tokens/s of 64 greedy tokens after a 16-token prompt, eager, from the first generated token's
+  arrival to the last's (a streamer notes each);
+- compiled decode (`--compile`): the same with `cache_implementation="static"` and `torch.compile`
+  (transformers' `CompileConfig`), the one-time compile cost recorded beside it;
+- decode after a prefill of each of --contexts tokens, for the methods with a quantized KV cache and bf16;
+- llama.cpp's own Q4_1 of the model (`n_batch=1`), with `--llama` (needs `pip install lowbit[llama]`).
+Every figure is a median of --repeats after a warm-up. `--label` names the code measured (e.g. a run
+with PYTHONPATH set to an older checkout, labelled "before"); results/speed/results.json keeps each
+label's cells, and the table in docs/speed.md shows every label's ratios to bf16 side by side.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("LOWBIT_MODELS", Path.home() / ".cache" / "lowbit-models"))
+CALIBRATION = ROOT.parent / "shared" / "data" / "wikitext-2-tokens" / "valid.txt"
+DOC = ROOT / "docs" / "speed.md"
+MARK = ("<!-- results:speed:start -->", "<!-- results:speed:end -->")
+KV_METHODS = ("quarot-w4a8kv8", "quarot-w4a8kv4", "quarot-w4a4kv4")
+METHODS = ("bf16", "hqq-w4g64", *KV_METHODS, "hh-w4a8", "hh-w4a4", "svdquant-r128")
+
+
+def config_for(method: str, calibration: str):
+    import lowbit
+
+    if method.startswith("hqq-"):
+        return lowbit.HqqConfig(bits=4, group_size=64)
+    if method.startswith("quarot-"):
+        return lowbit.QuaRotConfig.from_preset(method.split("-", 1)[1])
+    if method.startswith("hh-"):
+        return lowbit.HouseholderConfig(act_bits=int(method[-1]), weight_quantizer="rtn", steps=0, nsamples=4,
+                                        seqlen=256, calibration=calibration)
+    if method == "svdquant-r128":
+        return lowbit.ArhqConfig(decomposition="svdquant", rank=128)
+    raise SystemExit(f"--methods: unknown {method!r}; choose from {', '.join(METHODS)}")
+
+
+def checkpoint(model: str, method: str, args) -> Path:
+    """The method's checkpoint of the model, made once (in a temp folder, then renamed)."""
+    from transformers import AutoModelForCausalLM
+
+    src = MODELS / model
+    if method == "bf16":
+        return src
+    dst = Path(args.checkpoints) / f"{model}-{method}"
+    if not dst.exists():
+        model_ = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
+                                                      quantization_config=config_for(method, args.calib))
+        tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".", dir=dst.parent))
+        model_.save_pretrained(tmp)
+        tmp.rename(dst)
+    return dst
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _TokenTimes:
+    """A `generate` streamer that notes when each token arrives (the prompt comes first)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def decode_tok_s(model, prompt, new_tokens: int, repeats: int, **kw) -> float | None:
+    """Tokens/s from the first generated token to the last, in one `generate` call: one cache length, so
+    a compiled step compiles once (the warm-up run). `repeats=0`: the warm-up only."""
+    rates = []
+    for r in range(repeats + 1):
+        stream = _TokenTimes()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0, eos_token_id=None, streamer=stream, **kw)
+        if r:
+            rates.append((new_tokens - 1) / (stream.times[-1] - stream.times[1]))
+    return statistics.median(rates) if rates else None
+
+
+def run_cell(model_name: str, method: str, args) -> dict:
+    """Runs inside the per-cell process."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation import CompileConfig
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
+    vocab = model.config.get_text_config().vocab_size
+    random_ids = lambda n, seed: torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    result = {"model": model_name, "method": method}
+    with torch.no_grad():
+        ids = random_ids(args.prefill, 0)
+        result["prefill_tok_s"] = args.prefill / timed(lambda: model(ids, logits_to_keep=1), args.repeats)
+        prompt = random_ids(16, 1)
+        result["decode_tok_s"] = decode_tok_s(model, prompt, 64, args.repeats)
+        if method in KV_METHODS or method == "bf16":
+            for context in args.contexts:
+                result[f"decode_tok_s_at_{context}"] = decode_tok_s(model, random_ids(context, 2), 16, 1)
+        if args.compile:
+            config = CompileConfig()
+            config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+            model.generation_config.compile_config = config
+            start = time.perf_counter()
+            decode_tok_s(model, prompt, 64, 0, cache_implementation="static")  # the compile
+            result["compile_s"] = time.perf_counter() - start
+            result["compiled_decode_tok_s"] = decode_tok_s(model, prompt, 64, args.repeats,
+                                                           cache_implementation="static")
+    return result
+
+
+def llama_cpp_cell(model_name: str, args) -> dict:
+    """llama.cpp's own Q4_1 of the model, decode at batch 1 (the export benchmark's protocol)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import export_benchmark as eb
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory() as work:
+        f16, q41 = Path(work) / "f16.gguf", Path(work) / "q4_1.gguf"
+        eb.float_gguf(MODELS / model_name, f16)
+        eb.llama_quantize(f16, q41, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, args.threads)
+        return {"model": model_name, "method": "llama.cpp-q4_1",
+                "decode_tok_s": eb.llama_decode(q41, args.threads, repeats=args.repeats)}
+
+
+def _machine(threads: int) -> str:
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")]
+    return f"{names[0] if names else 'unknown CPU'}, {threads} threads"
+
+
+def _ratio(cell, bf16, key):
+    if not cell or not bf16 or key not in cell or key not in bf16:
+        return "–"
+    return f"{cell[key] / bf16[key]:.2f}×"
+
+
+def table(results: dict) -> str:
+    """One table per model: each method's ratios to bf16 under every label (bf16 of the same label and run)."""
+    labels = list(results["labels"])
+    lines = []
+    for model in results["models"]:
+        cells = {lab: {c["method"]: c for c in results["labels"][lab].get(model, [])} for lab in labels}
+        lines += [f"**{model}** (ratios to bf16 of the same run; bf16 itself in tokens/s)", ""]
+        head = ["method"] + [f"decode {lab}" for lab in labels] + [f"prefill {lab}" for lab in labels]
+        compiled = any("compiled_decode_tok_s" in c for lab in labels for c in cells[lab].values())
+        if compiled:
+            head += [f"compiled decode {lab}" for lab in labels] + ["compile s"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        methods = [m for m in METHODS + ("llama.cpp-q4_1",) if any(m in cells[lab] for lab in labels)]
+        for method in methods:
+            row = [method]
+            for key in ("decode_tok_s", "prefill_tok_s") + (("compiled_decode_tok_s",) if compiled else ()):
+                for lab in labels:
+                    cell, bf16 = cells[lab].get(method), cells[lab].get("bf16")
+                    if method == "bf16" and cell and key in cell:
+                        row.append(f"{cell[key]:.1f} tok/s")
+                    elif method == "llama.cpp-q4_1" and key == "compiled_decode_tok_s":
+                        row.append(_ratio(cell, bf16, "decode_tok_s").replace("×", "× (vs eager)") if cell else "–")
+                    else:
+                        row.append(_ratio(cell, bf16, key))
+            if compiled:
+                row.append(next((f"{cells[lab][method]['compile_s']:.0f}" for lab in reversed(labels)
+                                 if "compile_s" in cells[lab].get(method, {})), "–"))
+            lines.append("| " + " | ".join(row) + " |")
+        kv = [(lab, m, c) for lab in labels for m, c in cells[lab].items() if any(k.startswith("decode_tok_s_at_")
+                                                                                  for k in c)]
+        if kv:
+            contexts = sorted({int(k.rsplit("_", 1)[1]) for _, _, c in kv for k in c if k.startswith("decode_tok_s_at_")})
+            lines += ["", "Decode tokens/s after a long prefill (context tokens):", "",
+                      "| label | method | " + " | ".join(str(c) for c in contexts) + " |",
+                      "|---|---|" + "---|" * len(contexts)]
+            for lab, m, c in kv:
+                lines.append(f"| {lab} | {m} | " + " | ".join(f"{c.get(f'decode_tok_s_at_{n}', float('nan')):.1f}"
+                                                             for n in contexts) + " |")
+        lines.append("")
+    meta = "; ".join(f"{lab}: {results['labels'][lab]['_meta']}" for lab in labels)
+    return "\n".join(lines) + f"\nMeasured: {meta}.\n"
+
+
+def write_doc(results: dict) -> None:
+    text = DOC.read_text()
+    start, end = text.index(MARK[0]) + len(MARK[0]), text.index(MARK[1])
+    DOC.write_text(text[:start] + "\n" + table(results) + text[end:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m-perm", "qwen2.5-0.5b-perm"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--label", default="current", help="names the code measured (a column group of the table)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
+    p.add_argument("--contexts", type=int, nargs="*", default=[], help="decode after prefills this long (KV methods)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also measure compiled decode (static cache)")
+    p.add_argument("--llama", action="store_true", help="also measure llama.cpp's own Q4_1 (decode)")
+    p.add_argument("--calib", default=str(CALIBRATION), help="calibration text (Householder's PCA)")
+    p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "lowbit-speed-checkpoints"))
+    p.add_argument("--out", default=str(ROOT / "results" / "speed"))
+    p.add_argument("--report", action="store_true", help="only rewrite the docs table from OUT/results.json")
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cell:
+        model, method = json.loads(args.cell)
+        cell = llama_cpp_cell(model, args) if method == "llama.cpp-q4_1" else run_cell(model, method, args)
+        print(json.dumps(cell))
+        return
+    out = Path(args.out)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"models": [], "labels": {}}
+    if args.report:
+        write_doc(results)
+        return
+    for m in args.methods:
+        if m != "bf16":
+            config_for(m, args.calib)
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
+    import lowbit
+    import transformers
+
+    label = results["labels"].setdefault(args.label, {})
+    label["_meta"] = (f"{datetime.date.today().isoformat()}, {_machine(args.threads)}, lowbit {lowbit.__version__} "
+                      f"from {Path(lowbit.__file__).parent}, torch {torch.__version__}, transformers "
+                      f"{transformers.__version__}")
+    passthrough = ["--threads", str(args.threads), "--prefill", str(args.prefill), "--repeats", str(args.repeats),
+                   "--calib", args.calib, "--checkpoints", args.checkpoints, "--contexts", *map(str, args.contexts)]
+    passthrough += ["--compile"] * args.compile
+    for model in args.models:
+        if model not in results["models"]:
+            results["models"].append(model)
+        cells = []
+        for method in args.methods + (["llama.cpp-q4_1"] if args.llama else []):
+            proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, method]), *passthrough],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{model} {method}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            cells.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"{model} {method}: {cells[-1]}", flush=True)
+        label[model] = cells
+        out.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+    write_doc(results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
