@@ -5,7 +5,7 @@
 Per model, a checkpoint per method is made once under --checkpoints (speed does not depend on the
 weight solver, so the rotation methods use RTN and the least calibration their runtime needs:
 Householder with its PCA initialisation, no optimisation steps; SVDQuant for the NVFP4 runtime that
-ARHQ shares). Each cell then loads its checkpoint in a fresh process and measures, at batch 1:
+ARHQ shares; `-dres` loads it with `dequantized_residual=True`). Each cell then loads its checkpoint in a fresh process and measures, at batch 1:
 - prefill: tokens/s of one forward over a 512-token prompt (the last position's logits, as `generate`);
 - decode: tokens/s of 64 greedy tokens after a 16-token prompt, eager, from the first generated token's
   arrival to the last's (a streamer notes each);
@@ -36,7 +36,7 @@ CALIBRATION = ROOT.parent / "shared" / "data" / "wikitext-2-tokens" / "valid.txt
 DOC = ROOT / "docs" / "speed.md"
 MARK = ("<!-- results:speed:start -->", "<!-- results:speed:end -->")
 KV_METHODS = ("quarot-w4a8kv8", "quarot-w4a8kv4", "quarot-w4a4kv4")
-METHODS = ("bf16", "hqq-w4g64", *KV_METHODS, "hh-w4a8", "hh-w4a4", "svdquant-r128")
+METHODS = ("bf16", "hqq-w4g64", *KV_METHODS, "hh-w4a8", "hh-w4a4", "svdquant-r128", "svdquant-r128-dres")
 
 
 def config_for(method: str, calibration: str):
@@ -49,8 +49,9 @@ def config_for(method: str, calibration: str):
     if method.startswith("hh-"):
         return lowbit.HouseholderConfig(act_bits=int(method[-1]), weight_quantizer="rtn", steps=0, nsamples=4,
                                         seqlen=256, calibration=calibration)
-    if method == "svdquant-r128":
-        return lowbit.ArhqConfig(decomposition="svdquant", rank=128)
+    if method.startswith("svdquant-r128"):  # -dres: the same checkpoint, residuals kept dequantized at load
+        keep = {"dequantized_residual": True} if method.endswith("-dres") else {}
+        return lowbit.ArhqConfig(decomposition="svdquant", rank=128, **keep)
     raise SystemExit(f"--methods: unknown {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -61,7 +62,7 @@ def checkpoint(model: str, method: str, args) -> Path:
     src = MODELS / model
     if method == "bf16":
         return src
-    dst = Path(args.checkpoints) / f"{model}-{method}"
+    dst = Path(args.checkpoints) / f"{model}-{method.removesuffix('-dres')}"
     if not dst.exists():
         model_ = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
                                                       quantization_config=config_for(method, args.calib))
@@ -113,7 +114,9 @@ def run_cell(model_name: str, method: str, args) -> dict:
     from transformers.generation import CompileConfig
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
+    load = {"quantization_config": config_for(method, args.calib)} if method.endswith("-dres") else {}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16,
+                                                 **load).eval()
     vocab = model.config.get_text_config().vocab_size
     random_ids = lambda n, seed: torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     result = {"model": model_name, "method": method}
@@ -266,7 +269,8 @@ def main():
                 continue
             cells.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"{model} {method}: {cells[-1]}", flush=True)
-        label[model] = cells
+        done = {c["method"] for c in cells}  # a rerun of some methods keeps the label's other cells
+        label[model] = [c for c in label.get(model, []) if c["method"] not in done] + cells
         out.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1) + "\n")
     write_doc(results)

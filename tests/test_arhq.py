@@ -34,6 +34,7 @@ def _outlier_layer(n=2048, k=128, out=96, seed=0):
     ({}, r"decomposition='arhq' with rank=128 needs calibration data"),
     ({"decomposition": "svdquant", "smoothing": 0.5}, r"smoothing=0.5 needs calibration data"),
     ({"nsamples": 0, "calibration": CALIBRATION_TEXTS}, r"nsamples must be a positive integer, got 0"),
+    ({"rank": 0, "dequantized_residual": "yes"}, r"dequantized_residual must be True or False, got 'yes'"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -182,6 +183,27 @@ def test_generate_and_pipeline_after_reload_continue_as_before(tiny_llama_16, tm
     model.save_pretrained(tmp_path)
     check_generation(model, AutoTokenizer.from_pretrained(tiny_llama_16),
                      reloaded=AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_dequantized_residual_trades_memory_for_the_same_outputs(tiny_llama_16, tmp_path):
+    def load(path, **kw):
+        cfg = lowbit.ArhqConfig(rank=4, decomposition="svdquant", **kw)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=cfg)
+
+    packed, kept = load(tiny_llama_16), load(tiny_llama_16, dequantized_residual=True)
+    layers = [m for m in kept.modules() if isinstance(m, Nvfp4Linear)]
+    assert layers and all(m.dequantized_residual is not None for m in layers)
+    extra = sum(m.in_features * m.out_features * 2 for m in layers)  # bf16 residuals
+    assert kept.get_memory_footprint() == packed.get_memory_footprint() + extra
+    ids = torch.randint(3, 80, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kept(ids).logits, packed(ids).logits)
+    packed.save_pretrained(tmp_path / "packed")
+    kept.save_pretrained(tmp_path / "kept")  # the residual is runtime only: the same tensors on disk
+    assert (tmp_path / "kept/model.safetensors").read_bytes() == (tmp_path / "packed/model.safetensors").read_bytes()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kept")  # the config says to keep it
+    assert all(m.dequantized_residual is not None for m in reloaded.modules() if isinstance(m, Nvfp4Linear))
+    arhq.keep_dequantized_residuals(packed)  # on a loaded model
+    assert packed.get_memory_footprint() == kept.get_memory_footprint()
 
 
 def test_dequantize_gives_the_layer_without_input_rounding(tiny_llama_16):

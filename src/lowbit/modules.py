@@ -282,8 +282,9 @@ class Nvfp4Linear(nn.Module):
       module reads x / smooth_scale and its weights hold W·diag(smooth_scale)
     - `bias`         compute dtype [out] (optional)
     No CPU kernel computes in NVFP4, so the arithmetic is simulated: the residual is dequantized at each
-    call (memory holds the packed 4.5 bits per weight, not a float copy) and the input is rounded to
-    NVFP4 per token (a per-token tensor scale: each token's result is independent of its batch).
+    call (memory holds the packed 4.5 bits per weight, not a float copy; `keep_dequantized_residual`
+    trades memory for speed) and the input is rounded to NVFP4 per token (a per-token tensor scale:
+    each token's result is independent of its batch).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, smooth: bool = False,
@@ -304,6 +305,8 @@ class Nvfp4Linear(nn.Module):
         self.register_buffer("lora_up", empty(out_features, rank) if rank else None)
         self.register_buffer("smooth_scale", empty(in_features) if smooth else None)
         self.bias = nn.Parameter(empty(out_features), requires_grad=False) if bias else None
+        # runtime only: the residual dequantized once (ArhqConfig(dequantized_residual=True))
+        self.register_buffer("dequantized_residual", None, persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -341,11 +344,18 @@ class Nvfp4Linear(nn.Module):
     def prepare_runtime(self) -> "Nvfp4Linear":
         return self
 
+    @torch.no_grad()
+    def keep_dequantized_residual(self, dtype: torch.dtype) -> None:
+        """Hold the residual dequantized in `dtype` from now on (memory for speed, same values)."""
+        self.dequantized_residual = self.dequantize_residual(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
             x = x / self.smooth_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), self.dequantize_residual(x.dtype), bias)
+        residual = self.dequantized_residual
+        residual = self.dequantize_residual(x.dtype) if residual is None else residual.to(x.dtype)
+        y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), residual, bias)
         if self.rank:
             y = y + nn.functional.linear(nn.functional.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y
