@@ -172,7 +172,8 @@ def table(results: dict) -> str:
     lines = []
     for model in results["models"]:
         cells = {lab: {c["method"]: c for c in results["labels"][lab].get(model, [])} for lab in labels}
-        lines += [f"**{model}** (ratios to bf16 of the same run; bf16 itself in tokens/s)", ""]
+        lines += [f"**{model}** (ratios to bf16 of the same run and mode, eager or compiled; bf16 and llama.cpp "
+                  f"in tokens/s)", ""]
         head = ["method"] + [f"decode {lab}" for lab in labels] + [f"prefill {lab}" for lab in labels]
         compiled = any("compiled_decode_tok_s" in c for lab in labels for c in cells[lab].values())
         if compiled:
@@ -184,16 +185,22 @@ def table(results: dict) -> str:
             for key in ("decode_tok_s", "prefill_tok_s") + (("compiled_decode_tok_s",) if compiled else ()):
                 for lab in labels:
                     cell, bf16 = cells[lab].get(method), cells[lab].get("bf16")
-                    if method == "bf16" and cell and key in cell:
+                    if method in ("bf16", "llama.cpp-q4_1") and cell and key in cell:
                         row.append(f"{cell[key]:.1f} tok/s")
-                    elif method == "llama.cpp-q4_1" and key == "compiled_decode_tok_s":
-                        row.append(_ratio(cell, bf16, "decode_tok_s").replace("×", "× (vs eager)") if cell else "–")
+                    elif method == "llama.cpp-q4_1":
+                        row.append("–")
                     else:
                         row.append(_ratio(cell, bf16, key))
             if compiled:
                 row.append(next((f"{cells[lab][method]['compile_s']:.0f}" for lab in reversed(labels)
                                  if "compile_s" in cells[lab].get(method, {})), "–"))
             lines.append("| " + " | ".join(row) + " |")
+        for lab in labels:
+            hqq, llama = cells[lab].get("hqq-w4g64", {}), cells[lab].get("llama.cpp-q4_1", {})
+            if "compiled_decode_tok_s" in hqq and "decode_tok_s" in llama:
+                lines += ["", f"{lab}: HQQ w4g64 compiled decode {hqq['compiled_decode_tok_s']:.1f} tok/s, llama.cpp's "
+                          f"Q4_1 {llama['decode_tok_s']:.1f} tok/s: llama.cpp is "
+                          f"{llama['decode_tok_s'] / hqq['compiled_decode_tok_s']:.2f}× faster."]
         kv = [(lab, m, c) for lab in labels for m, c in cells[lab].items() if any(k.startswith("decode_tok_s_at_")
                                                                                   for k in c)]
         if kv:
