@@ -5,7 +5,8 @@
 Per model, a checkpoint per method is made once under --checkpoints (speed does not depend on the
 weight solver, so the rotation methods use RTN and the least calibration their runtime needs:
 Householder with its PCA initialisation, no optimisation steps; SVDQuant for the NVFP4 runtime that
-ARHQ shares; `-dres` loads it with `dequantized_residual=True`). Each cell then loads its checkpoint in a fresh process and measures, at batch 1:
+ARHQ shares; `-dres` keeps its residuals dequantized, `dequantized_residual`). Each cell then loads its checkpoint
+in a fresh process and measures, at batch 1:
 - prefill: tokens/s of one forward over a 512-token prompt (the last position's logits, as `generate`);
 - decode: tokens/s of 64 greedy tokens after a 16-token prompt, eager, from the first generated token's
   arrival to the last's (a streamer notes each);
@@ -114,11 +115,16 @@ def run_cell(model_name: str, method: str, args) -> dict:
     from transformers.generation import CompileConfig
 
     torch.set_num_threads(args.threads)
-    load = {"quantization_config": config_for(method, args.calib)} if method.endswith("-dres") else {}
-    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16,
-                                                 **load).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
+    if method.endswith("-dres"):  # a saved checkpoint's own config wins at reload: switched on after loading
+        from lowbit import arhq
+
+        arhq.keep_dequantized_residuals(model)
     vocab = model.config.get_text_config().vocab_size
-    random_ids = lambda n, seed: torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+
+    def random_ids(n, seed):
+        return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
     result = {"model": model_name, "method": method}
     with torch.no_grad():
         ids = random_ids(args.prefill, 0)
@@ -204,7 +210,8 @@ def table(results: dict) -> str:
         kv = [(lab, m, c) for lab in labels for m, c in cells[lab].items() if any(k.startswith("decode_tok_s_at_")
                                                                                   for k in c)]
         if kv:
-            contexts = sorted({int(k.rsplit("_", 1)[1]) for _, _, c in kv for k in c if k.startswith("decode_tok_s_at_")})
+            contexts = sorted({int(k.rsplit("_", 1)[1]) for _, _, c in kv for k in c
+                               if k.startswith("decode_tok_s_at_")})
             lines += ["", "Decode tokens/s after a long prefill (context tokens):", "",
                       "| label | method | " + " | ".join(str(c) for c in contexts) + " |",
                       "|---|---|" + "---|" * len(contexts)]
