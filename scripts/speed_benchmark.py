@@ -50,9 +50,8 @@ def config_for(method: str, calibration: str):
     if method.startswith("hh-"):
         return lowbit.HouseholderConfig(act_bits=int(method[-1]), weight_quantizer="rtn", steps=0, nsamples=4,
                                         seqlen=256, calibration=calibration)
-    if method.startswith("svdquant-r128"):  # -dres: the same checkpoint, residuals kept dequantized at load
-        keep = {"dequantized_residual": True} if method.endswith("-dres") else {}
-        return lowbit.ArhqConfig(decomposition="svdquant", rank=128, **keep)
+    if method.startswith("svdquant-r128"):  # -dres: the same checkpoint, its residuals kept after loading
+        return lowbit.ArhqConfig(decomposition="svdquant", rank=128)
     raise SystemExit(f"--methods: unknown {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -102,7 +102,8 @@ class _KeyMap:
         self.bits, self.rotate_keys, self.key_stats = bits, rotate_keys, key_stats
 
     def _place_key_stats(self, key_states):
-        self.dtype = key_states.dtype
+        """Take the dtype and device of the first states; the key statistics move there."""
+        self.dtype, self.device = key_states.dtype, key_states.device
         if self.key_stats is not None:  # [kv_heads, 1, head_dim]: broadcast over batch and tokens
             self.key_stats = tuple(t.to(key_states.device).unsqueeze(1) for t in self.key_stats)
 
@@ -144,7 +145,6 @@ class QuantizedKVLayer(_KeyMap, DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
-        self.device = key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -199,7 +199,6 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
-        self.device = key_states.device
         batch, heads, _, head_dim = key_states.shape
         tokens = (batch, heads, self.max_cache_len)
         self.stored = {name: torch.zeros(*tokens, head_dim * self.bits // 8, dtype=torch.uint8, device=self.device)
