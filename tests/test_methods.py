@@ -42,7 +42,7 @@ def test_cli_refuses_an_unknown_method(capsys):
 def test_naming_tag_refuses_a_config_of_no_declared_method():
     config = types.SimpleNamespace(quant_method="lowbit_nope", bits=4, group_size=64)
     with pytest.raises(ValueError, match="unknown lowbit method 'lowbit_nope'"):
-        checkpoint.naming_tag(config, head_kept=False)
+        checkpoint.naming_tag(config)
 
 
 @pytest.mark.parametrize("config_cls,old,new,value", [

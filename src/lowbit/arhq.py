@@ -201,6 +201,7 @@ def quantize_model(model, config: ArhqConfig, calibration_ids=None) -> None:
     config's calibration tokens when already at hand (`calibration.model_calibration_ids`)."""
     names = quantized_names(model, config)
     check_model(model, config)
+    integration.untie_head(model, names)
     progress = integration.progress_enabled()
     trim = integration.malloc_trim()
     if not config.needs_calibration:

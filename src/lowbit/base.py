@@ -12,6 +12,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import calibration, integration
+from .modules import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ class LowbitHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized or not param_name.endswith(".weight"):
             return False
-        from .modules import QuantLinear
-
         module = model.get_submodule(param_name.rpartition(".")[0])
         return isinstance(module, QuantLinear) and getattr(module, "weight", None) is not None
 
@@ -144,14 +143,25 @@ class LowbitHfQuantizer(HfQuantizer):
         if not names:
             raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize "
                              f"(modules_to_not_convert={cfg.modules_to_not_convert})")
-        integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=not self.pre_quantized,
-                                              spec=lambda name, linear: {"bits": cfg.bits, "group_size": cfg.group_size})
+        # a tied head's weight never streams in under its own name (it arrives by tying): quantized after loading
+        head = integration.tied_head_name(model)
+        self._tied_head = head if head in names else None
+        integration.replace_with_quant_linear(model, [n for n in names if n != self._tied_head], self.dtype,
+                                              with_placeholder=not self.pre_quantized, spec=self._spec)
         if self.pre_quantized:
             integration.verify_checkpoint(model, checkpoint_files)
         logger.info("lowbit: %d linear layers -> %s", len(names), cfg.quant_method)
         return model
 
+    def _spec(self, name, linear) -> dict:
+        return {"bits": self.quantization_config.bits, "group_size": self.quantization_config.group_size}
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if getattr(self, "_tied_head", None):
+            integration.untie_head(model)
+            head = model.get_submodule(self._tied_head)
+            integration.set_module(model, self._tied_head,
+                                   QuantLinear.from_linear(head, solver=self.solver, **self._spec(self._tied_head, head)))
         for name, module in integration.quant_linears(model):
             if getattr(module, "weight", None) is not None:
                 raise RuntimeError(f"{name} never received its weight: the checkpoint lacks it")

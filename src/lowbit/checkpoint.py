@@ -22,13 +22,10 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "quantization_metadata.json"
 
 
-def naming_tag(config, head_kept: bool) -> str:
+def naming_tag(config) -> str:
     """The method's tag for its output folder (`HQQ_w4_g64`), `_headfp16` when the head stays unquantized."""
-    return registry.method(config.quant_method).tag(config) + ("_headfp16" if head_kept else "")
-
-
-def head_kept(config, src: str) -> bool:
-    return "lm_head" in (config.modules_to_not_convert or []) or head_is_tied(src)
+    tag = registry.method(config.quant_method).tag(config)
+    return tag + ("_headfp16" if "lm_head" in (config.modules_to_not_convert or []) else "")
 
 
 def source_exists(src: str) -> bool:
@@ -49,14 +46,6 @@ def source_exists(src: str) -> bool:
 def check_source(src: str) -> None:
     if not source_exists(src):
         raise FileNotFoundError(f"--src {src!r}: no model folder with a config.json there, and no such Hub repo")
-
-
-def head_is_tied(src: str) -> bool:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(src)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return bool(getattr(text, "tie_word_embeddings", False))
 
 
 def human_size(n: int) -> str:

@@ -127,9 +127,9 @@ def quantize_command(args) -> int:
     from . import checkpoint
 
     config = _config(args)  # validates every setting before any work
-    checkpoint.check_source(args.src)  # before reading its config for the naming tag
+    checkpoint.check_source(args.src)
     dst = args.dst or os.path.join(".", f"{os.path.basename(os.path.normpath(args.src))}-"
-                                        f"{checkpoint.naming_tag(config, checkpoint.head_kept(config, args.src))}")
+                                        f"{checkpoint.naming_tag(config)}")
     meta = checkpoint.quantize_to_folder(args.src, dst, config, dtype=getattr(torch, args.dtype),
                                      overwrite=args.overwrite, seed=args.seed,
                                      command="lowbit " + shlex.join(sys.argv[1:]))

@@ -417,6 +417,7 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None,
     the calibration tokens (default: `calibration_tokens`)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
+    integration.untie_head(model, names)
     progress = integration.progress_enabled()
     if ids is None:
         ids, _ = calibration_tokens(model, config)

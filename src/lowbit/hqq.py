@@ -43,7 +43,8 @@ METHOD = Method(
              Option("--zero-point", "zero_point", str, "float or integer (integer: exportable to compressed-tensors "
                                                         "for vLLM)"),
              Option("--keep-lm-head-fp16", "modules_to_not_convert", None,
-                    "keep the output head unquantized (a head tied to the embeddings always is)",
+                    "keep the output head in the compute dtype (else quantized; a head tied to the "
+                    "embeddings gets its own quantized copy)",
                     convert=lambda keep: ["lm_head"] if keep else [])),
     tag=lambda c: f"HQQ_w{c.bits}_g{c.group_size}" + ("_zint" if c.zero_point == "integer" else ""),
 )

@@ -18,21 +18,39 @@ logger = logging.getLogger(__name__)
 
 def linears_to_quantize(model: nn.Module, modules_to_not_convert) -> list[str]:
     """Names of the nn.Linear modules a config targets: a pure function of the model's structure and
-    config, so quantize time and reload time agree. A head tied to the input embeddings is never
-    quantized (that would store the matrix twice)."""
+    config, so quantize time and reload time agree. A head tied to the input embeddings is targeted
+    like any other linear unless excluded; quantizing it unties it first (`untie_head`)."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     skip = list(modules_to_not_convert or [])
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = getattr(model.config, "tie_word_embeddings", False) if hasattr(model, "config") else False
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not should_convert_module(name, skip):
-            continue
-        if tied and module is out_emb:
-            continue
-        names.append(name)
-    return names
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and should_convert_module(name, skip)]
+
+
+def tied_head_name(model: nn.Module) -> str | None:
+    """The name of the output head when it shares its matrix with the input embeddings, else None."""
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        return None
+    head = model.get_output_embeddings()
+    name = next(name for name, module in model.named_modules() if module is head)
+    # on meta, before loading, the tying is still only declared
+    declared = f"{name}.weight" in getattr(model, "all_tied_weights_keys", {})
+    return name if declared or head.weight is model.get_input_embeddings().weight else None
+
+
+def untie_head(model: nn.Module, names=None) -> None:
+    """Give a tied head its own copy of the matrix, and say so in the config: the head can then be
+    quantized (the input embeddings stay in the compute dtype, as a lookup reads one row per token
+    while the head reads the whole matrix every step), and a reload builds it as its own module.
+    `names`: only if the head is among these (the layers about to be quantized)."""
+    name = tied_head_name(model)
+    if name is None or (names is not None and name not in names):
+        return
+    head = model.get_submodule(name)
+    head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    getattr(model, "all_tied_weights_keys", {}).pop(f"{name}.weight", None)
 
 
 def check_group_size(model: nn.Module, names, group_size: int) -> None:

@@ -167,6 +167,7 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True, calibration
     tokens when already at hand (`calibration.model_calibration_ids`)."""
     names = integration.linears_to_quantize(model, config.modules_to_not_convert)
     check_model(model, config, names)
+    integration.untie_head(model, names)
     progress = integration.progress_enabled()
     ids = calibration_ids
     if ids is None and config.needs_calibration:
@@ -175,7 +176,6 @@ def quantize_model(model, config: QuaRotConfig, rotate: bool = True, calibration
     if rotate:
         if config.rotation_method == "pca":
             rotation.fuse_norms(model)
-            names = integration.linears_to_quantize(model, config.modules_to_not_convert)  # the head is untied now
             rotation.rotate_residual(model, pca_rotation(model, ids, progress))
         else:  # the norms keep their scales and run unrotated (see `rotation`), from here on
             rotation.rotate_residual(model, hadamard.hadamard_matrix(model.config.hidden_size, torch.float64))

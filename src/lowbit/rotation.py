@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import hadamard
-from .integration import malloc_trim
+from .integration import malloc_trim, untie_head
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -66,21 +66,11 @@ def _fold_norm(norm: nn.Module, readers, conjugate: bool = False) -> None:
     malloc_trim()()
 
 
-def _untie_head(model) -> nn.Module:
-    head = model.get_output_embeddings()
-    if head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        if hasattr(model.config, "get_text_config"):
-            model.config.get_text_config().tie_word_embeddings = False
-    return head
-
-
 @torch.no_grad()
 def fuse_norms(model) -> None:
     """Fold every RMSNorm scale into the linears reading its output; a tied head is untied."""
     check_architecture(model)
-    _untie_head(model)
+    untie_head(model)
     for norm, readers in _norms_and_readers(model):
         _fold_norm(norm, readers)
 
@@ -177,6 +167,6 @@ def fold_unrotated_norms(model) -> None:
     conjugated by H, folded into its readers (rows w ↦ (w·Hᵀ ⊙ γ)·H; the head untied), the scales set
     to one and the hooks removed."""
     if remove_norm_hooks(model):
-        _untie_head(model)
+        untie_head(model)
         for norm, readers in _norms_and_readers(model):
             _fold_norm(norm, readers, conjugate=True)

@@ -117,7 +117,7 @@ def write(model, source, path, options, progress: bool) -> dict:
         if tied and name.endswith("lm_head"):
             ignore.append(name)  # no tensor: it is the embedding's, and it must not be read as quantized
             continue
-        if isinstance(module, QuantLinear) and _exportable(module):
+        if isinstance(module, QuantLinear) and _exportable(module) and not name.endswith("lm_head"):
             tensors.update(_quantized_tensors(module, name))
             continue
         if isinstance(module, QuantLinear):
