@@ -186,6 +186,36 @@ def test_llama_cpp_runs_the_export_like_transformers(stories_w4, qwen2_w4, tmp_p
             assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
 
 
+def test_a_quantized_tied_head_exports_as_its_own_tensor(tmp_path):
+    """A tied head the config quantized (untied): GGUF holds it as output.weight in Q4_1 beside the
+    16-bit token_embd, and llama.cpp, where installed, computes the same next-token logits;
+    compressed-tensors writes it dense (vLLM reads the head unquantized) and lists it as ignored."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    src = build_tiny("qwen2", tmp_path / "src", vocab_size=400, tie_word_embeddings=True)
+    byte_level_tokenizer(src, "qwen2")
+    folder = quantize(src, tmp_path / "w4", bits=4, group_size=32, zero_point="integer", modules_to_not_convert=[])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    export(folder, "gguf", dst=tmp_path / "q.gguf", progress=False)
+    _, tensors, _ = read_gguf(tmp_path / "q.gguf")
+    check_q4_1(tensors["output.weight"], model.lm_head)
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    export(folder, "compressed-tensors", dst=tmp_path / "ct", progress=False)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    state = load_file(tmp_path / "ct" / "model.safetensors")
+    assert "lm_head" in config["quantization_config"]["ignore"] and not config["tie_word_embeddings"]
+    assert torch.equal(state["lm_head.weight"], model.lm_head.dequantize_weight())
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `llama` extra) is not installed")
+    llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_batch=1, n_threads=2, n_ctx=64, logits_all=True, verbose=False)
+    prompt = list(range(20, 44))
+    llm.eval(prompt)
+    ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
+
+
 @pytest.mark.parametrize("arch, pre_tokenizer, q_norm", [("qwen3", "qwen2", True), ("mistral", "llama-bpe", False)])
 def test_gguf_other_architectures(arch, pre_tokenizer, q_norm, tmp_path):
     """Qwen3 (q/k norms) and Mistral (llama.cpp's llama architecture, so q/k rows in its RoPE order):
