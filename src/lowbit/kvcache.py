@@ -44,10 +44,13 @@ def quantize_states(x: torch.Tensor, bits: int):
     return packing.pack(q.to(torch.uint8), bits), torch.stack([scale, offset], -1).to(x.dtype)
 
 
-def dequantize_states(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize_states(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `quantize_states`, computed in float32 and returned in `dtype` (default: the scales')."""
     so = scale_offset.float()
-    x = (packing.unpack(codes, bits).float() - 2 ** (bits - 1)) * so[..., :1] + so[..., 1:]
-    return x.to(scale_offset.dtype)
+    scale, offset = so[..., :1], so[..., 1:] - 2 ** (bits - 1) * so[..., :1]  # the codes' midpoint folded in
+    x = torch.addcmul(offset, packing.unpack(codes, bits).float(), scale)
+    return x.to(dtype or scale_offset.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +105,22 @@ class _KeyMap:
         self.bits, self.rotate_keys, self.key_stats = bits, rotate_keys, key_stats
 
     def _place_key_stats(self, key_states):
-        """Take the dtype and device of the first states; the key statistics move there."""
+        """Take the dtype and device of the first states; the key statistics move there, and the inverse
+        key map becomes one matrix per head: restoring is `K̂·M + c`, one batched matmul over the cache."""
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_restore = self.key_centre = None
         if self.key_stats is not None:  # [kv_heads, 1, head_dim]: broadcast over batch and tokens
             self.key_stats = tuple(t.to(key_states.device).unsqueeze(1) for t in self.key_stats)
+        if self.key_stats is None and not self.rotate_keys:
+            return
+        heads, head_dim = key_states.shape[1], key_states.shape[-1]
+        centre, scale = self.key_stats or (torch.zeros(heads, 1, head_dim, device=self.device),
+                                           torch.ones(heads, 1, head_dim, device=self.device))
+        inverse = torch.eye(head_dim, device=self.device)  # row j: where basis vector j goes
+        if self.rotate_keys:
+            inverse = hadamard_transform(inverse, inverse=True)
+        self.key_restore = inverse * scale.float()  # [kv_heads, head_dim, head_dim]: column c scaled by s_c
+        self.key_centre = centre.float()
 
     def _quantize(self, key_states, value_states) -> dict:
         k, k_so = quantize_states(self._normalise_keys(key_states), self.bits)
@@ -113,8 +128,10 @@ class _KeyMap:
         return {"k": k, "k_so": k_so, "v": v, "v_so": v_so}
 
     def _dequantize(self, stored: dict):
-        keys = self._restore_keys(dequantize_states(stored["k"], stored["k_so"], self.bits))
-        return keys, dequantize_states(stored["v"], stored["v_so"], self.bits)
+        keys = dequantize_states(stored["k"], stored["k_so"], self.bits, torch.float32)
+        if self.key_restore is not None:
+            keys = torch.matmul(keys, self.key_restore).add_(self.key_centre)
+        return keys.to(self.dtype), dequantize_states(stored["v"], stored["v_so"], self.bits)
 
     def _normalise_keys(self, keys: torch.Tensor) -> torch.Tensor:
         x = keys.float()
@@ -125,13 +142,6 @@ class _KeyMap:
             x = hadamard_transform(x)
         return x.to(keys.dtype)
 
-    def _restore_keys(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotate_keys:
-            x = hadamard_transform(x.float(), inverse=True)
-        if self.key_stats is not None:
-            centre, scale = self.key_stats
-            x = x.float() * scale + centre
-        return x.to(self.dtype)
 
 
 class QuantizedKVLayer(_KeyMap, DynamicLayer):

@@ -46,6 +46,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed
     per_word = _codes_per_word(bits)
     nbytes = bits * per_word // 8
+    if nbytes == 1:  # 2 and 4 bits: whole codes per byte, shifted out in uint8 (a quarter of the int32 traffic)
+        mask = (1 << bits) - 1
+        codes = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
+        return torch.stack(codes, -1).reshape(*packed.shape[:-1], -1)
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8
     word = (b << byte_shifts).sum(-1, dtype=torch.int32)
