@@ -216,6 +216,14 @@ def test_normalised_keys_lose_less_to_4_bits(biased_keys_qwen2):
         *kvcache.quantize_states(hadamard.hadamard_transform((k - centre) / scale), 4), 4), inverse=True) * scale + centre
     assert torch.allclose(normalised, ref, atol=1e-4 * k.abs().max().item())
     assert (centred - k).norm() < 0.25 * (plain - k).norm()
+    # in bf16 the inverse map runs as one bf16 matmul: the stored keys restored to bf16's resolution
+    cache = kvcache.QuantizedKVCache(2, 4, key_stats=stats)
+    half = cache.update(k.bfloat16(), k.bfloat16(), 1)[0]
+    stored = cache.layers[1].stored
+    exact = hadamard.hadamard_transform(kvcache.dequantize_states(stored["k"], stored["k_so"], 4, torch.float32),
+                                        inverse=True) * scale + centre
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - exact).abs().max() < 2**-7 * exact.abs().max()
 
 
 def test_rotated_model_without_quantization_noise_is_close(tiny_llama_g32):

@@ -119,8 +119,9 @@ class _KeyMap:
         inverse = torch.eye(head_dim, device=self.device)  # row j: where basis vector j goes
         if self.rotate_keys:
             inverse = hadamard_transform(inverse, inverse=True)
-        self.key_restore = inverse * scale.float()  # [kv_heads, head_dim, head_dim]: column c scaled by s_c
-        self.key_centre = centre.float()
+        # [kv_heads, head_dim, head_dim], column c scaled by s_c; in the states' dtype, as the matmul runs
+        self.key_restore = (inverse * scale.float()).to(self.dtype)
+        self.key_centre = centre.to(self.dtype)
 
     def _quantize(self, key_states, value_states) -> dict:
         k, k_so = quantize_states(self._normalise_keys(key_states), self.bits)
@@ -128,10 +129,10 @@ class _KeyMap:
         return {"k": k, "k_so": k_so, "v": v, "v_so": v_so}
 
     def _dequantize(self, stored: dict):
-        keys = dequantize_states(stored["k"], stored["k_so"], self.bits, torch.float32)
+        keys = dequantize_states(stored["k"], stored["k_so"], self.bits, self.dtype)
         if self.key_restore is not None:
             keys = torch.matmul(keys, self.key_restore).add_(self.key_centre)
-        return keys.to(self.dtype), dequantize_states(stored["v"], stored["v_so"], self.bits)
+        return keys, dequantize_states(stored["v"], stored["v_so"], self.bits, self.dtype)
 
     def _normalise_keys(self, keys: torch.Tensor) -> torch.Tensor:
         x = keys.float()
