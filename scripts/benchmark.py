@@ -34,9 +34,10 @@ QuaRot RTN, QuaRot GPTQ and Householder):
                         config gets --calib, --nsamples and --calib-seqlen unless the spec sets them)
 QuaRot's bits can also be given as quarot-wWaAkvK-rtn|gptq (e.g. quarot-w4a8kv16-rtn: no KV quantization).
 QuaRot's presets are w4a4kv4, w4a8kv4 and w4a8kv8 (group --quarot-group, default 64).
-The lm_head stays in bf16 everywhere. Each cell runs in its own process (clean peak RSS, a crash
-is recorded as a failed cell and the run goes on); results/results.json is rewritten after every
-cell, and a cell already there is not recomputed (delete it, or pass --redo, to measure again).
+The lm_head stays in bf16 (unless a NAME:field=value spec sets modules_to_not_convert=[]). Each cell
+runs in its own process (clean peak RSS, a crash is recorded as a failed cell and the run goes on);
+results/results.json is rewritten after every cell, and a cell already there is not recomputed
+(delete it, or pass --redo, to measure again).
 Writes OUT/results.json, OUT/results.md and OUT/*.png.
 """
 import argparse
@@ -340,11 +341,14 @@ def protocol(cells) -> str:
     speeds = sorted({(r["speed"]["new_tokens"], r["speed"]["prompt_len"], r["speed"]["repeats"], r["torch_threads"])
                      for r in ok})
     dates = sorted({r.get("date", "not recorded") for r in ok})
+    kept = all("lm_head" in (r.get("config") or {}).get("modules_to_not_convert", ["lm_head"]) for r in ok)
+    head = ("lm_head in bf16 everywhere" if kept else
+            "lm_head in bf16 except in the rows whose settings say modules_to_not_convert=[] (head quantized too)")
     machines = sorted({r.get("machine", "not recorded") for r in ok})
     return (f"Perplexity: WikiText-2 test (rows joined with \"\\n\\n\"), {'; '.join(parts)}. Speed: greedy decode at "
             f"batch 1, " + "; ".join(f"{n} new tokens after a {p}-token prompt, median of {k}, {t} CPU thread"
                                      f"{'s' if t > 1 else ''}" for n, p, k, t in speeds)
-            + f". lm_head in bf16 everywhere. Measured: {', '.join(dates)}; machine: {'; '.join(machines)}.")
+            + f". {head}. Measured: {', '.join(dates)}; machine: {'; '.join(machines)}.")
 
 
 def write_report(results: dict, out: Path) -> None:
