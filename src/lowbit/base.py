@@ -108,6 +108,7 @@ class LowbitHfQuantizer(HfQuantizer):
         # a copy: what quantizing records in the config (saved with the model) never reaches the caller's object
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.dtype = torch.bfloat16
+        self._tied_head = None  # the name of a tied head to quantize after loading (see below)
 
     def is_serializable(self):
         return True
@@ -157,7 +158,7 @@ class LowbitHfQuantizer(HfQuantizer):
         return {"bits": self.quantization_config.bits, "group_size": self.quantization_config.group_size}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        if getattr(self, "_tied_head", None):
+        if self._tied_head:
             integration.untie_head(model)
             head = model.get_submodule(self._tied_head)
             integration.set_module(model, self._tied_head,

@@ -144,7 +144,6 @@ class _KeyMap:
         return x.to(keys.dtype)
 
 
-
 class QuantizedKVLayer(_KeyMap, DynamicLayer):
     """One decoder layer's packed keys and values, [batch, kv_heads, tokens, ·], growing by concatenation."""
 
