@@ -51,11 +51,23 @@ def stories_w4(tmp_path_factory):
     return quantize(STORIES, tmp_path_factory.mktemp("s") / "stories-w4g64", bits=4, group_size=64)
 
 
-def tiny_w4(root, arch: str, pre_tokenizer: str):
-    """A tiny random model (odd intermediate width 176, tied head) with a byte-level tokenizer, 4-bit g32."""
+def tiny_w4(root, arch: str, pre_tokenizer: str, **settings):
+    """A tiny random model (odd intermediate width 176, tied head) with a byte-level tokenizer, 4-bit g32
+    (HqqConfig `settings` beside those)."""
     src = build_tiny(arch, root / "src", vocab_size=400, tie_word_embeddings=True)
     byte_level_tokenizer(src, pre_tokenizer)
-    return quantize(src, root / f"{arch}-w4g32", bits=4, group_size=32)
+    return quantize(src, root / f"{arch}-w4g32", bits=4, group_size=32, **settings)
+
+
+def assert_llama_cpp_logits_match(llm, model, prompt):
+    """llama.cpp's logits over `prompt` against transformers': per position, cosine > 0.99 (llama.cpp
+    rounds activations to 8 bits for its Q4_1 products, transformers keeps them in bf16)."""
+    llm.reset()
+    llm.eval(prompt)
+    ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float()
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +190,7 @@ def test_llama_cpp_runs_the_export_like_transformers(stories_w4, qwen2_w4, tmp_p
                     break
             assert got == hf
         else:
-            llm.reset()
-            llm.eval(prompt)
-            ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-            with torch.no_grad():
-                ref = model(torch.tensor([prompt])).logits[0].float()
-            assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
+            assert_llama_cpp_logits_match(llm, model, prompt)
 
 
 def test_a_quantized_tied_head_exports_as_its_own_tensor(tmp_path):
@@ -193,9 +200,7 @@ def test_a_quantized_tied_head_exports_as_its_own_tensor(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    src = build_tiny("qwen2", tmp_path / "src", vocab_size=400, tie_word_embeddings=True)
-    byte_level_tokenizer(src, "qwen2")
-    folder = quantize(src, tmp_path / "w4", bits=4, group_size=32, zero_point="integer", modules_to_not_convert=[])
+    folder = tiny_w4(tmp_path, "qwen2", "qwen2", zero_point="integer", modules_to_not_convert=[])
     model = AutoModelForCausalLM.from_pretrained(folder)
     export(folder, "gguf", dst=tmp_path / "q.gguf", progress=False)
     _, tensors, _ = read_gguf(tmp_path / "q.gguf")
@@ -208,12 +213,7 @@ def test_a_quantized_tied_head_exports_as_its_own_tensor(tmp_path):
     assert torch.equal(state["lm_head.weight"], model.lm_head.dequantize_weight())
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `llama` extra) is not installed")
     llm = llama_cpp.Llama(str(tmp_path / "q.gguf"), n_batch=1, n_threads=2, n_ctx=64, logits_all=True, verbose=False)
-    prompt = list(range(20, 44))
-    llm.eval(prompt)
-    ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-    with torch.no_grad():
-        ref = model(torch.tensor([prompt])).logits[0].float()
-    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
+    assert_llama_cpp_logits_match(llm, model, list(range(20, 44)))
 
 
 @pytest.mark.parametrize("arch, pre_tokenizer, q_norm", [("qwen3", "qwen2", True), ("mistral", "llama-bpe", False)])
@@ -235,12 +235,7 @@ def test_gguf_other_architectures(arch, pre_tokenizer, q_norm, tmp_path):
     check_q4_1(tensors["blk.0.attn_q.weight"], model.model.layers[0].self_attn.q_proj, order)
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the `llama` extra) is not installed")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_batch=1, n_threads=2, n_ctx=64, logits_all=True, verbose=False)
-    prompt = list(range(5, 29))
-    llm.eval(prompt)
-    ours = torch.from_numpy(np.array(llm.scores[:len(prompt)]))
-    with torch.no_grad():
-        ref = model(torch.tensor([prompt])).logits[0].float()
-    assert torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min() > 0.99
+    assert_llama_cpp_logits_match(llm, model, list(range(5, 29)))
 
 
 @pytest.fixture(scope="module")
