@@ -144,15 +144,17 @@ def _cached_factors(n: int, inverse: bool, dtype: torch.dtype, device: torch.dev
 def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """x @ hadamard_matrix(n) (or its transpose, the inverse) over the last dim. The transform is a
     Kronecker product of small factors, so it runs as one small matmul per factor, each along its axis
-    of x viewed [..., f1, f2, ..., m]: a few ops per call whatever the size, autograd included, and per
-    element as many multiply-adds as the factor sizes add up to."""
+    of x viewed [rows, f1, ..., fk]: the last axis as [rows·f1···fk−1, fk] @ F, an inner one as
+    Fᵀ @ [rows·f1···, f, (the axes after it)], so no factor moves any data. A few ops per call whatever
+    the size, autograd included, and per element as many multiply-adds as the factor sizes add up to."""
     n = x.shape[-1]
     factors = _cached_factors(n, inverse, x.dtype, x.device)
     if not factors:  # n == 1
         return x.clone()
-    y = x.reshape(-1, *(size for size, _ in factors))
-    for axis in range(len(factors), 0, -1):  # the last axis first: its product needs no move
-        y = (y.movedim(axis, -1) @ factors[axis - 1][1]).movedim(-1, axis)
+    y, after = x, 1
+    for size, matrix in reversed(factors):
+        y = y.reshape(-1, size) @ matrix if after == 1 else matrix.T @ y.reshape(-1, size, after)
+        after *= size
     return y.reshape(x.shape)
 
 
@@ -162,8 +164,11 @@ ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's float32 copies st
 def transform_activations(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`hadamard_transform` of activations at run time: computed in float32 a block of rows at a time,
     returned in x's dtype (whole-tensor float32 copies of a long prefill's MLP activations would cost
-    several times their size in temporaries)."""
+    several times their size in temporaries). Not in bfloat16: that rounds once more, after the first
+    factor, and a decode step's small bfloat16 matmuls run slower than float32 ones."""
     rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= ACTIVATION_ROWS:
+        return hadamard_transform(rows.float(), inverse).to(x.dtype).view(x.shape)
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], ACTIVATION_ROWS):
         out[start:start + ACTIVATION_ROWS] = hadamard_transform(rows[start:start + ACTIVATION_ROWS].float(), inverse)

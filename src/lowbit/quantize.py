@@ -267,29 +267,39 @@ def quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float | None = 
     if bits not in (4, 8):
         raise ValueError(f"activation bits must be 4 or 8, got {bits!r}")
     qmax = 2 ** (bits - 1) - 1
-    xf = x.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    ratio = _least_error_clip(xf, amax, qmax) if clip_ratio is None else clip_ratio
-    scale = (amax * ratio / qmax).clamp_min(1e-8)
-    codes = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax).to(torch.int8)
-    return codes, scale
+    amax = x.abs().amax(-1, keepdim=True).float()  # exact in x's dtype: no float32 copy of x
+    if clip_ratio is None:
+        return _least_error_codes(x, amax, qmax)
+    scale = (amax * clip_ratio / qmax).clamp_min(1e-8)
+    codes = torch.div(x, scale).round_()  # computed in float32 (type promotion), one pass
+    if not (isinstance(clip_ratio, float) and clip_ratio >= 1):  # unclipped, |x| / scale <= qmax already
+        codes.clamp_(-qmax - 1, qmax)
+    return codes.to(torch.int8), scale
 
 
 ACT_CLIP_BLOCK = 32  # tokens whose candidate roundings are held at once: small enough to stay in cache
+_CLIP_GRIDS = {}  # device -> ACT_CLIP_GRID [candidates, 1, 1] float32 (a plain dict: constants to torch.compile)
 
 
-def _least_error_clip(xf: torch.Tensor, amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per token, the ratio of ACT_CLIP_GRID with the least squared rounding error (the first on ties).
-    All candidates in one batched pass per block of tokens: a decode step is a handful of ops."""
-    grid = torch.tensor(ACT_CLIP_GRID, dtype=xf.dtype, device=xf.device)
-    x2, a2 = xf.reshape(-1, xf.shape[-1]), amax.reshape(-1, 1)
-    best = torch.empty_like(a2)
+def _least_error_codes(x: torch.Tensor, amax: torch.Tensor, qmax: int):
+    """Per token, the codes and scale of the ratio in ACT_CLIP_GRID with the least squared rounding error
+    (the first on ties). Every candidate is rounded in one batched pass per block of tokens, and the
+    winner's codes are kept from it: a decode step is a handful of ops."""
+    grid = _CLIP_GRIDS.get(x.device)
+    if grid is None:
+        grid = _CLIP_GRIDS[x.device] = torch.tensor(ACT_CLIP_GRID, device=x.device).view(-1, 1, 1)
+    x2, a2 = x.reshape(-1, x.shape[-1]), amax.reshape(-1, 1)
+    codes, scales = [], []
     for start in range(0, x2.shape[0], ACT_CLIP_BLOCK):
-        x, a = x2[start:start + ACT_CLIP_BLOCK], a2[start:start + ACT_CLIP_BLOCK]
-        scale = (a * grid.view(-1, 1, 1) / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
-        err = (torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale - x).pow_(2).sum(-1)
-        best[start:start + ACT_CLIP_BLOCK] = grid[err.argmin(0)].unsqueeze(-1)
-    return best.view_as(amax)
+        xb, ab = x2[start:start + ACT_CLIP_BLOCK].float(), a2[start:start + ACT_CLIP_BLOCK]
+        scale = (ab * grid / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
+        q = torch.round(xb / scale).clamp_(-qmax - 1, qmax)
+        best = (q * scale - xb).pow_(2).sum(-1).argmin(0)  # [tokens]
+        tokens = torch.arange(xb.shape[0], device=x.device)
+        codes.append(q[best, tokens])
+        scales.append(scale[best, tokens])
+    codes, scale = (codes[0], scales[0]) if len(codes) == 1 else (torch.cat(codes), torch.cat(scales))
+    return codes.to(torch.int8).view(x.shape), scale.view(amax.shape)
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float | None = 1.0) -> torch.Tensor:
