@@ -33,6 +33,19 @@ def test_searched_clip_has_the_least_error_of_the_grid():
     assert torch.equal(Q.quantize_activations(x, 4, None)[0], codes)
 
 
+@pytest.mark.parametrize("bits,clip", [(8, 1.0), (4, 0.9), (4, None)])
+def test_bfloat16_input_quantizes_as_its_float32_copy(bits, clip):
+    """The bf16 path divides in float32 by promotion; it must give the codes of the float32 input,
+    and no tokens give empty codes."""
+    torch.manual_seed(0)
+    x = (torch.randn(70, 96) * torch.rand(96) * 4).to(torch.bfloat16)  # more than one search block
+    codes, scale = Q.quantize_activations(x, bits, clip)
+    ref_codes, ref_scale = Q.quantize_activations(x.float(), bits, clip)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    empty, empty_scale = Q.quantize_activations(x[:0], bits, clip)
+    assert empty.shape == (0, 96) and empty_scale.shape == (0, 1)
+
+
 def test_bad_activation_bits():
     with pytest.raises(ValueError, match="activation bits must be 4 or 8, got 3"):
         Q.quantize_activations(torch.randn(2, 8), 3)

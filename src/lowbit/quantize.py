@@ -290,7 +290,7 @@ def _least_error_codes(x: torch.Tensor, amax: torch.Tensor, qmax: int):
         grid = _CLIP_GRIDS[x.device] = torch.tensor(ACT_CLIP_GRID, device=x.device).view(-1, 1, 1)
     x2, a2 = x.reshape(-1, x.shape[-1]), amax.reshape(-1, 1)
     codes, scales = [], []
-    for start in range(0, x2.shape[0], ACT_CLIP_BLOCK):
+    for start in range(0, max(x2.shape[0], 1), ACT_CLIP_BLOCK):  # one (empty) block for no tokens
         xb, ab = x2[start:start + ACT_CLIP_BLOCK].float(), a2[start:start + ACT_CLIP_BLOCK]
         scale = (ab * grid / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
         q = torch.round(xb / scale).clamp_(-qmax - 1, qmax)
