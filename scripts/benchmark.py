@@ -294,6 +294,11 @@ def _hqq_sizes(model):
 
 # ---------------------------------------------------------------- report
 
+def _seconds(s) -> str:
+    """A load+quantize time, or – where none was kept (a cell paused while it quantized: wall time would lie)."""
+    return "–" if s is None else f"{s:.1f}"
+
+
 def _mib(n):
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
@@ -321,7 +326,7 @@ def table(results: dict, models=None) -> str:
             rss = r["peak_rss_increase_bytes"] / r["bf16_model_bytes"]
             anon = r["peak_anon_rss_increase_bytes"] / r["bf16_model_bytes"]
             row = (f"| {model} | {r['spec']} | {r['bits_per_weight']:.2f} | {r['ppl']['ppl']:.2f} | "
-                   f"{dec:.1f}{ratio} | {r['speed']['prefill_tok_s']:.0f} | {r['load_quantize_s']:.1f} | "
+                   f"{dec:.1f}{ratio} | {r['speed']['prefill_tok_s']:.0f} | {_seconds(r['load_quantize_s'])} | "
                    f"{_mib(ck)}{ck_ratio} | {_mib(r['memory_bytes'])} | {anon:.2f}x / {rss:.2f}x |")
             if kv:
                 kvb, kv0 = r.get("kv_cache_bytes"), (base or {}).get("kv_cache_bytes")
