@@ -153,7 +153,12 @@ def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         return x.clone()
     y, after = x, 1
     for size, matrix in reversed(factors):
-        y = y.reshape(-1, size) @ matrix if after == 1 else matrix.T @ y.reshape(-1, size, after)
+        if after == 1:
+            y = y.reshape(-1, size) @ matrix
+        elif y.numel() == size * after:  # the outermost axis of a single row (a decode step): a plain mm
+            y = matrix.T @ y.reshape(size, after)
+        else:
+            y = matrix.T @ y.reshape(-1, size, after)
         after *= size
     return y.reshape(x.shape)
 

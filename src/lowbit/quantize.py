@@ -270,9 +270,11 @@ def quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float | None = 
     amax = x.abs().amax(-1, keepdim=True).float()  # exact in x's dtype: no float32 copy of x
     if clip_ratio is None:
         return _least_error_codes(x, amax, qmax)
-    scale = (amax * clip_ratio / qmax).clamp_min(1e-8)
+    unclipped = isinstance(clip_ratio, float) and clip_ratio >= 1  # then |x| / scale <= qmax already
+    bound = amax if unclipped and clip_ratio == 1.0 else amax * clip_ratio
+    scale = (bound / qmax).clamp_min(1e-8)
     codes = torch.div(x, scale).round_()  # computed in float32 (type promotion), one pass
-    if not (isinstance(clip_ratio, float) and clip_ratio >= 1):  # unclipped, |x| / scale <= qmax already
+    if not unclipped:
         codes.clamp_(-qmax - 1, qmax)
     return codes.to(torch.int8), scale
 
