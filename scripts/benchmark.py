@@ -446,7 +446,9 @@ def report(results_dir: Path, docs: Path, readme: Path) -> None:
                                f"{r['ppl']['windows']}×{r['ppl']['seqlen']} | "
                                f"{r['speed']['decode_tok_s'] / base['speed']['decode_tok_s']:.2f}x |")
     _replace_block(readme, "summary", "\n".join(summary) + "\n\nbf16 rows, every other setting, the protocols and "
-                   "the machine: [docs/results.md](docs/results.md).")
+                   "the machine: [docs/results.md](docs/results.md). The decode column is eager, on the thread "
+                   "count and code of each row's run; the current speed of every method, eager and compiled, "
+                   "2 threads: [docs/speed.md](docs/speed.md).")
 
 
 def _plots(results: dict, out: Path) -> None:
