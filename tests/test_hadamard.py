@@ -28,10 +28,13 @@ def test_transform_is_orthogonal_and_fast_path_equals_dense(n):
     assert torch.allclose(hadamard.hadamard_transform(x), x @ h, atol=1e-10)
     assert torch.allclose(hadamard.hadamard_transform(x, inverse=True), x @ h.T, atol=1e-10)
     assert torch.equal(x, before)  # the transform works in its own buffers
-    big = torch.randn((1 << 16) // n + 1, n, dtype=torch.float64)  # large enough for the two-buffer path
+    big = torch.randn((1 << 16) // n + 1, n, dtype=torch.float64)  # many rows
     big_before = big.clone()
     assert torch.allclose(hadamard.hadamard_transform(big), big @ h, atol=1e-10)
     assert torch.equal(big, big_before)
+    row = torch.randn(1, 1, n, dtype=torch.float64)  # a decode step's single row (its own mm path)
+    assert torch.allclose(hadamard.hadamard_transform(row), row @ h, atol=1e-10)
+    assert torch.allclose(hadamard.hadamard_transform(row, inverse=True), row @ h.T, atol=1e-10)
     strided = torch.randn(n, 4, dtype=torch.float64).T  # a non-contiguous input
     assert torch.allclose(hadamard.hadamard_transform(strided), strided @ h, atol=1e-10)
     trained = x.clone().requires_grad_()  # the autograd path (Householder training) agrees
