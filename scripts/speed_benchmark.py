@@ -207,8 +207,8 @@ def table(results: dict) -> str:
             for method, what in (("hqq-w4g64", "head in bf16"), ("hqq-w4g64-head", "head quantized")):
                 hqq = cells[lab].get(method, {})
                 if "compiled_decode_tok_s" in hqq and "decode_tok_s" in llama:
-                    lines += ["", f"{lab}: HQQ w4g64 ({what}) compiled decode "
-                              f"{hqq['compiled_decode_tok_s']:.1f} tok/s, llama.cpp's Q4_1 {llama['decode_tok_s']:.1f} tok/s: llama.cpp is "
+                    lines += ["", f"{lab}: HQQ w4g64 ({what}) compiled decode {hqq['compiled_decode_tok_s']:.1f} tok/s, "
+                              f"llama.cpp's Q4_1 {llama['decode_tok_s']:.1f} tok/s: llama.cpp is "
                               f"{llama['decode_tok_s'] / hqq['compiled_decode_tok_s']:.2f}× faster."]
         kv = [(lab, m, c) for lab in labels for m, c in cells[lab].items() if any(k.startswith("decode_tok_s_at_")
                                                                                   for k in c)]
