@@ -14,7 +14,10 @@ in a fresh process and measures, at batch 1:
   (transformers' `CompileConfig`), the one-time compile cost recorded beside it;
 - decode after a prefill of each of --contexts tokens, for the methods with a quantized KV cache and bf16;
 - llama.cpp's own Q4_1 of the model (`n_batch=1`), with `--llama` (needs `pip install lowbit[llama]`).
-Every figure is a median of --repeats after a warm-up. `--label` names the code measured (e.g. a run
+Every figure is a median of --repeats after a warm-up. With `--rounds N` the model's cells run N times,
+round-robin (every method once, then again), and each figure is the median over the rounds: a burst of
+load from elsewhere on the host then disturbs one round's cell, not one method's ratio to bf16.
+`--label` names the code measured (e.g. a run
 with PYTHONPATH set to an older checkout, labelled "before"); results/speed/results.json keeps each
 label's cells, and the table in docs/speed.md shows every label's ratios to bf16 side by side.
 """
@@ -147,6 +150,15 @@ def run_cell(model_name: str, method: str, args) -> dict:
     return result
 
 
+def median_cell(runs: list) -> dict:
+    """One method's cells of several rounds as one: each figure the median over the rounds that have it."""
+    cell = dict(runs[0])
+    for key in {k for r in runs for k, v in r.items() if isinstance(v, float)}:
+        cell[key] = statistics.median(r[key] for r in runs if isinstance(r.get(key), float))
+    cell["rounds"] = len(runs)
+    return cell
+
+
 def llama_cpp_cell(model_name: str, args) -> dict:
     """llama.cpp's own Q4_1 of the model, decode at batch 1 (the export benchmark's protocol)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -241,6 +253,7 @@ def main():
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
     p.add_argument("--contexts", type=int, nargs="*", default=[], help="decode after prefills this long (KV methods)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="run every cell this many times, round-robin; medians")
     p.add_argument("--compile", action="store_true", help="also measure compiled decode (static cache)")
     p.add_argument("--llama", action="store_true", help="also measure llama.cpp's own Q4_1 (decode)")
     p.add_argument("--calib", default=str(CALIBRATION), help="calibration text (Householder's PCA)")
@@ -277,15 +290,17 @@ def main():
     for model in args.models:
         if model not in results["models"]:
             results["models"].append(model)
-        cells = []
-        for method in args.methods + (["llama.cpp-q4_1"] if args.llama else []):
-            proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, method]), *passthrough],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                print(f"{model} {method}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            cells.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"{model} {method}: {cells[-1]}", flush=True)
+        rounds = {}  # method -> its cell of each round
+        for round_ in range(args.rounds):
+            for method in args.methods + (["llama.cpp-q4_1"] if args.llama else []):
+                proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps([model, method]), *passthrough],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"{model} {method}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                rounds.setdefault(method, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"{model} {method} (round {round_ + 1}/{args.rounds}): {rounds[method][-1]}", flush=True)
+        cells = [median_cell(runs) for runs in rounds.values()]
         done = {c["method"] for c in cells}  # a rerun of some methods keeps the label's other cells
         label[model] = [c for c in label.get(model, []) if c["method"] not in done] + cells
         out.mkdir(parents=True, exist_ok=True)

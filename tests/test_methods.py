@@ -189,15 +189,24 @@ def test_lowbit_eval_leaves_a_folder_it_did_not_write_alone(stories, tmp_path):
     assert sorted(p.name for p in stories.iterdir()) == before
 
 
-def _benchmark():
+def _benchmark(name="benchmark"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_speed_benchmark_takes_each_figure_as_the_median_over_rounds():
+    speed = _benchmark("speed_benchmark")
+    runs = [{"model": "m", "method": "bf16", "decode_tok_s": d, "prefill_tok_s": p, "compile_s": c}
+            for d, p, c in ((20.0, 800.0, None), (9.0, 850.0, 70.0), (21.0, 300.0, 90.0))]  # one burst each
+    cell = speed.median_cell(runs)
+    assert cell == {"model": "m", "method": "bf16", "decode_tok_s": 20.0, "prefill_tok_s": 800.0,
+                    "compile_s": 80.0, "rounds": 3}
 
 
 def test_the_benchmark_runs_any_declared_method_by_name():

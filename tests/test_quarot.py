@@ -145,6 +145,28 @@ def test_kv_cache_memory_is_the_packed_size(bits):
     assert cache.nbytes() <= bf16 * (0.29 if bits == 4 else 0.54)
 
 
+def test_kv_cache_batch_operations_follow_the_batch():
+    """Keys and values are stored stacked ahead of the batch: beam search's reorder, select and repeat must
+    act on the batch, not on the keys/values axis."""
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 2, 5, 64, dtype=torch.bfloat16).unbind(0)
+    layer = kvcache.QuantizedKVCache(num_layers=1, bits=4).layers[0]
+    keys, values = layer.update(k, v)
+
+    def restored():
+        return layer._dequantize(layer.stored)
+
+    order = torch.tensor([2, 0, 1])
+    layer.reorder_cache(order)
+    assert all(torch.equal(a, b[order]) for a, b in zip(restored(), (keys, values)))
+    keys, values = restored()
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert all(torch.equal(a, b[[0, 2]]) for a, b in zip(restored(), (keys, values)))
+    keys, values = restored()
+    layer.batch_repeat_interleave(2)
+    assert all(torch.equal(a, b.repeat_interleave(2, 0)) for a, b in zip(restored(), (keys, values)))
+
+
 def test_kv_cache_keys_quantized_in_the_hadamard_basis():
     torch.manual_seed(0)
     k = torch.randn(1, 2, 5, 64)
@@ -220,8 +242,8 @@ def test_normalised_keys_lose_less_to_4_bits(biased_keys_qwen2):
     cache = kvcache.QuantizedKVCache(2, 4, key_stats=stats)
     half = cache.update(k.bfloat16(), k.bfloat16(), 1)[0]
     stored = cache.layers[1].stored
-    exact = hadamard.hadamard_transform(kvcache.dequantize_states(stored["k"], stored["k_so"], 4, torch.float32),
-                                        inverse=True) * scale + centre
+    keys = kvcache.dequantize_states(stored["codes"][0], stored["scale_offset"][0], 4, torch.float32)  # [0]: keys
+    exact = hadamard.hadamard_transform(keys, inverse=True) * scale + centre
     assert half.dtype == torch.bfloat16
     assert (half.float() - exact).abs().max() < 2**-7 * exact.abs().max()
 
@@ -300,6 +322,41 @@ def test_cached_decoding_matches_a_full_forward(tiny_llama_g32):
             steps.append(out.logits)
     stepwise = torch.cat(steps, dim=1).float()
     assert torch.allclose(stepwise, full, atol=1e-3 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])
+def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
+    """q/k/v and gate/up quantize their input once and run one integer product: bit-identical to each layer
+    computing alone, recomputed when the input changes in place, and a member repacked on its own leaves."""
+    cfg = lowbit.QuaRotConfig.from_preset(preset, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_g32, dtype=torch.bfloat16, quantization_config=cfg)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    shared = attn.q_proj.shared_input
+    assert shared is not None and shared is attn.k_proj.shared_input is attn.v_proj.shared_input
+    assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not None and attn.o_proj.shared_input is None
+    assert attn.k_proj.int8_weight._base is shared.weight  # a view: no second copy of the weights
+    groups = {m: m.shared_input for m in model.modules() if getattr(m, "shared_input", None) is not None}
+    ids = random_ids(model.config.vocab_size, (2, 12))
+    together = forward_logits(model, ids)
+
+    def alone(module, x):
+        return module._integer_product(x, module.int8_weight, module.int8_scale) + module.bias.to(x.dtype)
+
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(attn.q_proj(x), alone(attn.q_proj, x))
+        x.mul_(2)  # the same tensor, changed: k must not take the product of the old values
+        assert torch.equal(attn.k_proj(x), alone(attn.k_proj, x))
+        assert torch.equal(attn.v_proj(x), alone(attn.v_proj, x))
+    for m in groups:
+        m.shared_input = None
+    assert torch.equal(forward_logits(model, ids), together)
+    for m, group in groups.items():
+        m.shared_input = group
+    attn.k_proj._to_packed_layout()
+    attn.k_proj.prepare_runtime()  # its own int8 weight again: it computes alone, q and v still share
+    assert attn.k_proj.int8_weight._base is None
+    assert torch.equal(forward_logits(model, ids), together)
 
 
 @pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])

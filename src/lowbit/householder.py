@@ -35,8 +35,8 @@ from .quantize import quantize_gptq, quantize_rtn_ratio
 
 logger = logging.getLogger(__name__)
 
-GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+GROUPS = {"qkv": integration.SHARED_INPUT_GROUPS["qkv"], "o": ("self_attn.o_proj",),
+          "gate_up": integration.SHARED_INPUT_GROUPS["gate_up"], "down": ("mlp.down_proj",)}
 NORM_OF_GROUP = {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm"}  # rotation stored there
 GROUP_SIZES = (32, 64, 128, -1)
 INIT_CLIP_LOGIT = 5.0  # sigmoid(5) = 0.993: start from (almost) the unclipped range

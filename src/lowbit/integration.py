@@ -9,9 +9,12 @@ import struct
 import torch
 from torch import nn
 
-from .modules import Nvfp4Linear, QuantLinear
+from .modules import Nvfp4Linear, QuantLinear, SharedInputProduct
 
 QUANTIZED_MODULES = (QuantLinear, Nvfp4Linear)
+# the linears of a Llama-shaped decoder layer that read the same input
+SHARED_INPUT_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                       "gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,25 @@ def prepare_runtime(model: nn.Module) -> None:
     for _, module in quant_linears(model):
         module.prepare_runtime()
         trim()
+    share_input_products(model)
+
+
+def share_input_products(model: nn.Module) -> None:
+    """One product per decoder layer's q/k/v and one per gate/up where they quantize their input alike
+    (`SharedInputProduct`): in a decode step, most of the per-layer work is per call, not per weight."""
+    for name, layer in model.named_modules():
+        for group in SHARED_INPUT_GROUPS.values():
+            members = [layer.get_submodule(n) if _has_submodule(layer, n) else None for n in group]
+            if None not in members and SharedInputProduct.can_share(members):
+                SharedInputProduct(members)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def progress_enabled() -> bool:

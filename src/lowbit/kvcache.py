@@ -124,15 +124,16 @@ class _KeyMap:
         self.key_centre = centre.to(self.dtype)
 
     def _quantize(self, key_states, value_states) -> dict:
-        k, k_so = quantize_states(self._normalise_keys(key_states), self.bits)
-        v, v_so = quantize_states(value_states, self.bits)
-        return {"k": k, "k_so": k_so, "v": v, "v_so": v_so}
+        """Keys and values stacked, [2, batch, kv_heads, tokens, ·]: one quantization for both."""
+        codes, scale_offset = quantize_states(torch.stack([self._normalise_keys(key_states), value_states]),
+                                              self.bits)
+        return {"codes": codes, "scale_offset": scale_offset}
 
     def _dequantize(self, stored: dict):
-        keys = dequantize_states(stored["k"], stored["k_so"], self.bits, self.dtype)
+        keys, values = dequantize_states(stored["codes"], stored["scale_offset"], self.bits, self.dtype)
         if self.key_restore is not None:
             keys = torch.matmul(keys, self.key_restore).add_(self.key_centre)
-        return keys, dequantize_states(stored["v"], stored["v_so"], self.bits, self.dtype)
+        return keys, values
 
     def _normalise_keys(self, keys: torch.Tensor) -> torch.Tensor:
         x = keys.float()
@@ -145,13 +146,14 @@ class _KeyMap:
 
 
 class QuantizedKVLayer(_KeyMap, DynamicLayer):
-    """One decoder layer's packed keys and values, [batch, kv_heads, tokens, ·], growing by concatenation."""
+    """One decoder layer's packed keys and values, [2, batch, kv_heads, tokens, ·] (keys first), growing by
+    concatenation."""
 
     def __init__(self, bits: int, rotate_keys: bool, key_stats=None):
         super().__init__()
         self._init_keys(bits, rotate_keys, key_stats)
         self.cumulative_length = 0
-        self.stored = None  # {"k": codes, "k_so": scale/offset, "v": ..., "v_so": ...}
+        self.stored = None  # {"codes": packed codes, "scale_offset": their scale/offset}
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
@@ -181,14 +183,14 @@ class QuantizedKVLayer(_KeyMap, DynamicLayer):
     def reset(self):
         self.stored, self.cumulative_length, self.is_initialized = None, 0, False
 
-    def reorder_cache(self, beam_idx):
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+    def reorder_cache(self, beam_idx):  # dim 1: the batch (dim 0 is keys/values)
+        self._map(lambda t: t.index_select(1, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: t.repeat_interleave(repeats, dim=1))
 
     def batch_select_indices(self, indices):
-        self._map(lambda t: t[indices, ...])
+        self._map(lambda t: t[:, indices])
 
     def crop(self, tokens_to_remove: int):
         if tokens_to_remove > 0:
@@ -210,11 +212,9 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
         batch, heads, _, head_dim = key_states.shape
-        tokens = (batch, heads, self.max_cache_len)
-        self.stored = {name: torch.zeros(*tokens, head_dim * self.bits // 8, dtype=torch.uint8, device=self.device)
-                       for name in ("k", "v")}
-        self.stored.update({name: torch.zeros(*tokens, 2, dtype=key_states.dtype, device=self.device)
-                            for name in ("k_so", "v_so")})
+        tokens = (2, batch, heads, self.max_cache_len)
+        self.stored = {"codes": torch.zeros(*tokens, head_dim * self.bits // 8, dtype=torch.uint8, device=self.device),
+                       "scale_offset": torch.zeros(*tokens, 2, dtype=key_states.dtype, device=self.device)}
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():  # fixed addresses: the compiled step reads them in place
             for t in (*self.stored.values(), self.cumulative_length):
@@ -227,7 +227,7 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         self.cumulative_length.add_(key_states.shape[-2])
         for name, t in self._quantize(key_states, value_states).items():
-            self.stored[name].index_copy_(2, positions, t)
+            self.stored[name].index_copy_(3, positions, t)
         return self._dequantize(self.stored)
 
     def nbytes(self) -> int:  # the buffers as allocated, for max_cache_len tokens

@@ -21,7 +21,8 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
   a per-channel int8 grid (`kernels.int8_channel_weight`, runtime buffers beside the packed codes, which
   stay for saving): layout "int8_channel". Where `_int_mm` does not take the shape (CUDA below 17
   tokens), the layer computes the float reference instead, fake-quantized input times the dequantized
-  weight, and says so once in the log.
+  weight, and says so once in the log. Such layers that read the same input (q/k/v, gate/up) can share
+  one quantization of it and one product (`SharedInputProduct`).
 """
 import logging
 
@@ -83,6 +84,7 @@ class QuantLinear(nn.Module):
         # "int8_channel": the weight as int8 [out, in] and its float32 scale per output channel (runtime only)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scale", None, persistent=False)
+        self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
         self._warned_fallback = False
 
     @classmethod
@@ -178,20 +180,29 @@ class QuantLinear(nn.Module):
     def _integer_forward(self, x):
         if self.layout != "int8_channel":
             self.prepare_runtime()
+        shared = self.shared_input
+        y = None
+        if shared is not None and not torch.compiler.is_compiling():  # compiled, the compiler fuses instead
+            y = shared.output(self, x)
+        if y is None:
+            y = self._integer_product(x, self.int8_weight, self.int8_scale)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def _integer_product(self, x, int8_weight, int8_scale):
+        """Q(x)·Wᵀ without the bias, in x's dtype, for this layer's int8 weight or several layers' stacked."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         clip = ACT_CLIP[self.act_bits] if self.act_clip_ratio is None else self.act_clip_ratio
         codes, scale = quantize_activations(x2, self.act_bits, clip)
-        if kernels.int8_mm_supported(x2.shape[0], self.in_features, self.out_features, x.device):
-            y = kernels.int8_linear(codes, scale, self.int8_weight, self.int8_scale)
+        if kernels.int8_mm_supported(x2.shape[0], self.in_features, int8_weight.shape[0], x.device):
+            y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
         else:
             if not self._warned_fallback:
                 logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing the float reference",
                             self.extra_repr(), x2.shape[0], self.in_features, self.out_features, x.device)
                 self._warned_fallback = True
             y = (codes.float() * scale) @ self.dequantize_weight(torch.float32).T
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
     def _int4_cpu_forward(self, x):
         k = self.padded_in_features
@@ -218,6 +229,60 @@ class QuantLinear(nn.Module):
         if self.input_transform == "householder":
             return self.rotation.inverse(w)
         return w
+
+
+class SharedInputProduct:
+    """One activation quantization and one `torch._int_mm` for int8 QuantLinears that read the same input
+    (q/k/v, gate/up): the first member called with an input multiplies it by all members' weights stacked,
+    and the others take their columns of that product when called with the same, unmodified tensor.
+
+    The members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held twice). A
+    member whose weight is no longer such a view (moved to another device, repacked) computes on its own,
+    as it does when `_int_mm` does not take the shape. Each entry is exact, so results are bit-identical
+    to the members' own products."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.weight = torch.cat([m.int8_weight for m in members])
+        self.scale = torch.cat([m.int8_scale for m in members])
+        stops = torch.tensor([m.out_features for m in members]).cumsum(0).tolist()
+        self.columns = {}
+        for m, start, stop in zip(members, [0] + stops[:-1], stops):
+            m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
+            m.shared_input = self
+            self.columns[m] = (start, stop)
+        self._input = self._version = self._product = None
+        self._pending = set()
+
+    @staticmethod
+    def can_share(members: list) -> bool:
+        """Members must quantize their input the same way and live on the same device in the int8 layout."""
+        first = members[0]
+        ratios = [m.act_clip_ratio for m in members]
+        return (all(isinstance(m, QuantLinear) and m.layout == "int8_channel" and m.act_bits == first.act_bits
+                    and m.input_transform is None and m.in_features == first.in_features
+                    and m.int8_weight.device == first.int8_weight.device for m in members)
+                and (all(r is None for r in ratios)
+                     or all(r is not None and torch.equal(r, ratios[0]) for r in ratios)))
+
+    def output(self, member: "QuantLinear", x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s columns of the shared product (no bias), or None: the member computes on its own."""
+        if member.int8_weight is None or member.int8_weight._base is not self.weight:
+            return None
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        if x is not self._input or version != self._version or member not in self._pending:
+            rows = x.numel() // x.shape[-1]
+            if x.device != self.weight.device or not kernels.int8_mm_supported(rows, member.in_features,
+                                                                                 self.weight.shape[0], x.device):
+                return None
+            self._product = member._integer_product(x, self.weight, self.scale)
+            self._input, self._version, self._pending = x, version, set(self.members)
+        self._pending.discard(member)
+        start, stop = self.columns[member]
+        y = self._product[..., start:stop]
+        if not self._pending:  # every member has its part: let go of the input and the product
+            self._input = self._product = None
+        return y
 
 
 class HouseholderRotation(nn.Module):
