@@ -348,6 +348,9 @@ def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
         x.mul_(2)  # the same tensor, changed: k must not take the product of the old values
         assert torch.equal(attn.k_proj(x), alone(attn.k_proj, x))
         assert torch.equal(attn.v_proj(x), alone(attn.v_proj, x))
+        long = torch.randn(shared.MAX_ELEMENTS // shared.weight.shape[0] + 1, x.shape[-1], dtype=x.dtype)
+        assert shared.output(attn.q_proj, long) is None  # too large to share: each member computes alone
+        assert torch.equal(attn.q_proj(long), alone(attn.q_proj, long))
     for m in groups:
         m.shared_input = None
     assert torch.equal(forward_logits(model, ids), together)

@@ -87,5 +87,6 @@ def int8_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
 def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor,
                 w_scale: torch.Tensor) -> torch.Tensor:
     """Q(x) @ Wᵀ for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
-    `int8_channel_weight` [N, K]: exact int32 dot products from one `torch._int_mm`, scaled in float32."""
-    return torch._int_mm(x_codes, w_int8.t()).float().mul_(x_scale).mul_(w_scale)
+    `int8_channel_weight` [N, K]: exact int32 dot products from one `torch._int_mm`, scaled in float32 (the
+    first multiply converts them, as `.float()` would, without a float32 copy of its own)."""
+    return torch.mul(torch._int_mm(x_codes, w_int8.t()), x_scale).mul_(w_scale)

@@ -239,7 +239,13 @@ class SharedInputProduct:
     The members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held twice). A
     member whose weight is no longer such a view (moved to another device, repacked) computes on its own,
     as it does when `_int_mm` does not take the shape. Each entry is exact, so results are bit-identical
-    to the members' own products."""
+    to the members' own products.
+
+    Sharing pays for a decode step's few rows, where each call's fixed cost dominates; a product larger
+    than MAX_ELEMENTS (e.g. a long prompt's gate/up) runs per member instead, whose float32 epilogues
+    stay in cache where the stacked one would not."""
+
+    MAX_ELEMENTS = 1 << 20  # rows × stacked output features: 4 MB of float32
 
     def __init__(self, members: list):
         self.members = members
@@ -271,9 +277,9 @@ class SharedInputProduct:
             return None
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         if x is not self._input or version != self._version or member not in self._pending:
-            rows = x.numel() // x.shape[-1]
-            if x.device != self.weight.device or not kernels.int8_mm_supported(rows, member.in_features,
-                                                                                 self.weight.shape[0], x.device):
+            rows, width = x.numel() // x.shape[-1], self.weight.shape[0]
+            if (rows * width > self.MAX_ELEMENTS or x.device != self.weight.device
+                    or not kernels.int8_mm_supported(rows, member.in_features, width, x.device)):
                 return None
             self._product = member._integer_product(x, self.weight, self.scale)
             self._input, self._version, self._pending = x, version, set(self.members)
