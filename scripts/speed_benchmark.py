@@ -191,8 +191,10 @@ def table(results: dict) -> str:
     lines = []
     for model in results["models"]:
         cells = {lab: {c["method"]: c for c in results["labels"][lab].get(model, [])} for lab in labels}
+        rounds = ", ".join(f"{lab} {max(c.get('rounds', 1) for c in cells[lab].values())}" for lab in labels
+                           if cells[lab])
         lines += [f"**{model}** (ratios to bf16 of the same run and mode, eager or compiled; bf16 and llama.cpp "
-                  f"in tokens/s)", ""]
+                  f"in tokens/s; rounds per cell: {rounds})", ""]
         head = ["method"] + [f"decode {lab}" for lab in labels] + [f"prefill {lab}" for lab in labels]
         compiled = any("compiled_decode_tok_s" in c for lab in labels for c in cells[lab].values())
         if compiled:

@@ -112,19 +112,14 @@ def prepare_runtime(model: nn.Module) -> None:
 def share_input_products(model: nn.Module) -> None:
     """One product per decoder layer's q/k/v and one per gate/up where they quantize their input alike
     (`SharedInputProduct`): in a decode step, most of the per-layer work is per call, not per weight."""
-    for name, layer in model.named_modules():
+    for layer in model.modules():
         for group in SHARED_INPUT_GROUPS.values():
-            members = [layer.get_submodule(n) if _has_submodule(layer, n) else None for n in group]
-            if None not in members and SharedInputProduct.can_share(members):
+            try:
+                members = [layer.get_submodule(name) for name in group]
+            except AttributeError:  # not a decoder layer
+                continue
+            if SharedInputProduct.can_share(members):
                 SharedInputProduct(members)
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def progress_enabled() -> bool:

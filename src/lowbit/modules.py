@@ -182,7 +182,7 @@ class QuantLinear(nn.Module):
             self.prepare_runtime()
         shared = self.shared_input
         y = None
-        if shared is not None and not torch.compiler.is_compiling():  # compiled, the compiler fuses instead
+        if shared is not None and not torch.compiler.is_compiling():  # compiled: each layer alone, in the graph
             y = shared.output(self, x)
         if y is None:
             y = self._integer_product(x, self.int8_weight, self.int8_scale)
