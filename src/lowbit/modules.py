@@ -257,8 +257,10 @@ class SharedInputProduct:
             m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
             m.shared_input = self
             self.columns[m] = (start, stop)
-        self._input = self._version = self._product = None
-        self._pending = set()
+        # (input, its version, product, members still to take their columns), replaced whole and never
+        # changed in place: threads running the model at once each read a consistent product (at worst
+        # one recomputes it)
+        self._state = None
 
     @staticmethod
     def can_share(members: list) -> bool:
@@ -276,19 +278,17 @@ class SharedInputProduct:
         if member.int8_weight is None or member.int8_weight._base is not self.weight:
             return None
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
-        if x is not self._input or version != self._version or member not in self._pending:
+        state = self._state
+        if state is None or x is not state[0] or version != state[1] or member not in state[3]:
             rows, width = x.numel() // x.shape[-1], self.weight.shape[0]
             if (rows * width > self.MAX_ELEMENTS or x.device != self.weight.device
                     or not kernels.int8_mm_supported(rows, member.in_features, width, x.device)):
                 return None
-            self._product = member._integer_product(x, self.weight, self.scale)
-            self._input, self._version, self._pending = x, version, set(self.members)
-        self._pending.discard(member)
+            state = (x, version, member._integer_product(x, self.weight, self.scale), frozenset(self.members))
+        pending = state[3] - {member}
+        self._state = (*state[:3], pending) if pending else None  # all served: let go of input and product
         start, stop = self.columns[member]
-        y = self._product[..., start:stop]
-        if not self._pending:  # every member has its part: let go of the input and the product
-            self._input = self._product = None
-        return y
+        return state[2][..., start:stop]
 
 
 class HouseholderRotation(nn.Module):
