@@ -114,6 +114,9 @@ def test_quantize_save_reload_in_a_fresh_process(tiny_llama_hh, tmp_path):
         n for n in mods if n.endswith(("o_proj", "down_proj"))}
     layer = model.model.layers[0]
     assert isinstance(layer.input_layernorm, RotatedNorm) and isinstance(layer.post_attention_layernorm, RotatedNorm)
+    # the layers after a shared rotation quantize its output alike: one product for each group
+    assert layer.self_attn.q_proj.shared_input is layer.self_attn.v_proj.shared_input is not None
+    assert layer.mlp.gate_proj.shared_input is layer.mlp.up_proj.shared_input is not None
     ids = random_ids(model.config.vocab_size)
     logits = forward_logits(model, ids)
     out = tmp_path / "q"
@@ -138,9 +141,11 @@ ids = torch.load({str(tmp_path / 'ids.pt')!r})
 with torch.no_grad():
     torch.save(m(ids).logits.float(), {str(tmp_path / 'reloaded.pt')!r})
 layer = m.model.layers[0]
-print(json.dumps({{"cls": type(layer.self_attn.q_proj).__name__, "k": layer.input_layernorm.rotation.householder_vectors.shape[0]}}))
+print(json.dumps({{"cls": type(layer.self_attn.q_proj).__name__, "k": layer.input_layernorm.rotation.householder_vectors.shape[0],
+                  "shared": layer.mlp.gate_proj.shared_input is layer.mlp.up_proj.shared_input is not None}}))
 """)
     assert res["cls"] == "QuantLinear" and res["k"] == layer.input_layernorm.rotation.householder_vectors.shape[0]
+    assert res["shared"]
     assert torch.equal(torch.load(tmp_path / "reloaded.pt"), logits)
 
     from safetensors.torch import load_file, save_file
