@@ -24,6 +24,7 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
   weight, and says so once in the log. Such layers that read the same input (q/k/v, gate/up) can share
   one quantization of it and one product (`SharedInputProduct`).
 """
+import itertools
 import logging
 
 import torch
@@ -248,15 +249,13 @@ class SharedInputProduct:
     MAX_ELEMENTS = 1 << 20  # rows × stacked output features: 4 MB of float32
 
     def __init__(self, members: list):
-        self.members = members
         self.weight = torch.cat([m.int8_weight for m in members])
         self.scale = torch.cat([m.int8_scale for m in members])
-        stops = torch.tensor([m.out_features for m in members]).cumsum(0).tolist()
-        self.columns = {}
-        for m, start, stop in zip(members, [0] + stops[:-1], stops):
+        bounds = list(itertools.accumulate((m.out_features for m in members), initial=0))
+        self.columns = {m: (start, stop) for m, start, stop in zip(members, bounds, bounds[1:])}  # the members
+        for m, (start, stop) in self.columns.items():
             m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
             m.shared_input = self
-            self.columns[m] = (start, stop)
         # (input, its version, product, members still to take their columns), replaced whole and never
         # changed in place: threads running the model at once each read a consistent product (at worst
         # one recomputes it)
@@ -284,7 +283,7 @@ class SharedInputProduct:
             if (rows * width > self.MAX_ELEMENTS or x.device != self.weight.device
                     or not kernels.int8_mm_supported(rows, member.in_features, width, x.device)):
                 return None
-            state = (x, version, member._integer_product(x, self.weight, self.scale), frozenset(self.members))
+            state = (x, version, member._integer_product(x, self.weight, self.scale), frozenset(self.columns))
         pending = state[3] - {member}
         self._state = (*state[:3], pending) if pending else None  # all served: let go of input and product
         start, stop = self.columns[member]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import hadamard
-from .integration import malloc_trim, untie_head
+from .integration import SHARED_INPUT_GROUPS, malloc_trim, untie_head
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -79,9 +79,8 @@ def _norms_and_readers(model):
     """(norm, the linears reading its output) for every RMSNorm, the final norm last with the head (a
     caller folding into it unties it first: with the scale folded in, it differs from the embeddings)."""
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        yield layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]
-        yield layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]
+        yield layer.input_layernorm, [layer.get_submodule(n) for n in SHARED_INPUT_GROUPS["qkv"]]
+        yield layer.post_attention_layernorm, [layer.get_submodule(n) for n in SHARED_INPUT_GROUPS["gate_up"]]
     yield model.model.norm, [model.get_output_embeddings()]
 
 
