@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--reflections", type=int, help="k per rotation (default: from --pca-variance)")
-    p.add_argument("--pca-variance", type=float, default=0.95)
+    p.add_argument("--reflections", type=int, help="k per rotation (default: the config's)")
+    p.add_argument("--pca-variance", type=float, help="instead of --reflections: k from each rotation's variance")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--group-size", type=int, default=64)
@@ -48,9 +48,10 @@ def main(argv=None) -> int:
     calib = args.calib or (str(CALIBRATION) if CALIBRATION.exists() else None)
     try:
         config = householder.HouseholderConfig(
-            bits=args.w_bits, act_bits=args.a_bits, group_size=args.group_size, reflections=args.reflections,
-            pca_variance=args.pca_variance, steps=args.steps, lr=args.lr, nsamples=args.nsamples,
-            cali_bsz=args.cali_bsz, seqlen=args.max_seq_len, num_layers=args.num_layers, calibration=calib)
+            bits=args.w_bits, act_bits=args.a_bits, group_size=args.group_size, steps=args.steps, lr=args.lr,
+            nsamples=args.nsamples, cali_bsz=args.cali_bsz, seqlen=args.max_seq_len, num_layers=args.num_layers, calibration=calib,
+            **{k: v for k, v in (("reflections", args.reflections), ("pca_variance", args.pca_variance))
+               if v is not None})
     except ValueError as err:
         print(f"hh_verify: error: {err}", file=sys.stderr)
         return 2

@@ -67,6 +67,8 @@ def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
     ({"reflections": 0}, r"reflections must be an integer >= 1 or None, got 0"),
     ({"pca_variance": 0.0}, r"pca_variance must be in \(0, 1\], got 0.0"),
     ({"pca_variance": 1.5}, r"pca_variance must be in \(0, 1\], got 1.5"),
+    ({"reflections": 8, "pca_variance": 0.9}, r"give one of reflections .* not both: got reflections=8"),
+    ({"reflections": None}, r"give one of reflections .* not neither"),
     ({"steps": -1}, r"steps must be an integer >= 0, got -1"),
     ({"act_bits": 3}, r"act_bits must be one of \[4, 8, 16\], got 3"),
     ({"lr": 0}, r"lr must be a positive number, got 0"),
@@ -74,6 +76,14 @@ def test_pca_init_maps_the_top_principal_direction_onto_a_flat_one():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lowbit.HouseholderConfig(**kwargs)
+
+
+def test_k_is_fixed_by_default_or_chosen_by_variance_when_asked():
+    assert (lowbit.HouseholderConfig().reflections, lowbit.HouseholderConfig().pca_variance) == (16, None)
+    by_variance = lowbit.HouseholderConfig(pca_variance=0.9)  # alone, it replaces the default k
+    assert (by_variance.reflections, by_variance.pca_variance) == (None, 0.9)
+    again = lowbit.HouseholderConfig.from_dict(by_variance.to_dict())  # as a reload reads config.json
+    assert (again.reflections, again.pca_variance) == (None, 0.9)
 
 
 def test_too_many_reflections_and_unsupported_architecture_are_refused(tiny_llama_hh, tmp_path):
@@ -197,6 +207,7 @@ def test_cli_householder_writes_the_tagged_folder(tiny_llama_hh, tmp_path, monke
 @pytest.mark.parametrize("args,match", [
     (["--method", "householder", "--pca-variance", "2"], r"pca_variance must be in \(0, 1\]"),
     (["--method", "householder", "--reflections", "0"], "reflections must be an integer >= 1"),
+    (["--method", "householder", "--reflections", "4", "--pca-variance", "0.9"], "not both"),
     (["--method", "quarot", "--steps", "3"], "--steps cannot be used with --method quarot"),
 ])
 def test_cli_householder_bad_input_writes_nothing(tiny_llama_hh, tmp_path, capsys, args, match):

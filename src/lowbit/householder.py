@@ -5,8 +5,8 @@ Per decoder layer, four rotations: one shared by q/k/v, one for o_proj, one shar
 down_proj. Each starts from PCA: reflections that map the top-k principal axes of its calibration
 inputs onto the first k coordinate axes, which the fixed Hadamard after them turns into flat
 directions, so the variance those axes carry is spread over every channel, and the Hadamard spreads
-the rest of the space as QuaRot's does (k: the fewest axes holding `pca_variance` of the variance, or
-`reflections`). Then Adam minimises the error of the rotated, quantized layer's output against the fp
+the rest of the space as QuaRot's does (k = `reflections`, or per rotation the fewest axes holding
+`pca_variance` of the variance). Then Adam minimises the error of the rotated, quantized layer's output against the fp
 layer's, each token's squared error relative to its own output (`output_error`), over the Householder
 vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
 The next layer is calibrated on what the quantized layer outputs.
@@ -51,8 +51,11 @@ class HouseholderConfig(LowbitConfig):
         group_size: input channels per weight scale/offset (32, 64, 128; -1 = per output channel).
         weight_quantizer: "gptq" (GPTQ's error feedback onto the learned clipping grid; it needs nothing the
             optimization has not already computed) or "rtn" (round to nearest on that grid).
-        reflections: k for every rotation (None: from `pca_variance`).
-        pca_variance: in (0, 1]: k = the fewest principal axes explaining this share of the variance.
+        reflections: k for every rotation. Few suffice: the Hadamard after them spreads what they leave,
+            and each one costs d numbers in the checkpoint and 2·d multiply-adds per token at run time.
+        pca_variance: in (0, 1], instead of `reflections`: each rotation's k = the fewest principal axes
+            explaining this share of its input variance (hundreds for an MLP-wide input). Given alone, it
+            replaces the default `reflections`; give one of the two, not both.
         steps, lr: Adam steps per decoder layer and their learning rate (0 steps: PCA init only).
         nsamples, cali_bsz, seqlen: calibration windows, windows per step, tokens per window.
         num_layers: optimize only the first N decoder layers (the rest keep their PCA init).
@@ -61,11 +64,16 @@ class HouseholderConfig(LowbitConfig):
     """
 
     quant_method = "lowbit_householder"
-    _fields = {"bits": 4, "act_bits": 8, "group_size": 64, "weight_quantizer": "gptq", "reflections": None,
-               "pca_variance": 0.95,
+    _fields = {"bits": 4, "act_bits": 8, "group_size": 64, "weight_quantizer": "gptq", "reflections": 16,
+               "pca_variance": None,
                "steps": 100, "lr": 1e-3, "nsamples": 32, "cali_bsz": 4, "seqlen": 512, "num_layers": None,
                "calibration": None, "seed": 13, "modules_to_not_convert": ["lm_head"], "calibration_source": None}
     _renamed = {"w_bits": "bits", "a_bits": "act_bits", "max_seq_len": "seqlen"}
+
+    def __init__(self, **kwargs):
+        if kwargs.get("pca_variance") is not None and "reflections" not in kwargs:
+            kwargs["reflections"] = None  # k from the variance instead of the default fixed k
+        super().__init__(**kwargs)
 
     def validate(self):
         super().validate()
@@ -81,7 +89,11 @@ class HouseholderConfig(LowbitConfig):
                 raise ValueError(f"{name} must be an integer >= {low}"
                                  f"{' or None' if name in ('reflections', 'num_layers') else ''}, got {value!r}")
         pv = self.pca_variance
-        if isinstance(pv, bool) or not isinstance(pv, (int, float)) or not 0 < pv <= 1:
+        if (pv is None) == (self.reflections is None):
+            raise ValueError(f"give one of reflections (k per rotation) or pca_variance (k from each rotation's "
+                             f"input variance), not {'both' if pv is not None else 'neither'}: got "
+                             f"reflections={self.reflections!r}, pca_variance={pv!r}")
+        if pv is not None and (isinstance(pv, bool) or not isinstance(pv, (int, float)) or not 0 < pv <= 1):
             raise ValueError(f"pca_variance must be in (0, 1], got {pv!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
