@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     try:
         config = householder.HouseholderConfig(
             bits=args.w_bits, act_bits=args.a_bits, group_size=args.group_size, steps=args.steps, lr=args.lr,
-            nsamples=args.nsamples, cali_bsz=args.cali_bsz, seqlen=args.max_seq_len, num_layers=args.num_layers, calibration=calib,
+            nsamples=args.nsamples, cali_bsz=args.cali_bsz, seqlen=args.max_seq_len, num_layers=args.num_layers,
+            calibration=calib,
             **{k: v for k, v in (("reflections", args.reflections), ("pca_variance", args.pca_variance))
                if v is not None})
     except ValueError as err:

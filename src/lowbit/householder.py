@@ -6,8 +6,8 @@ down_proj. Each starts from PCA: reflections that map the top-k principal axes o
 inputs onto the first k coordinate axes, which the fixed Hadamard after them turns into flat
 directions, so the variance those axes carry is spread over every channel, and the Hadamard spreads
 the rest of the space as QuaRot's does (k = `reflections`, or per rotation the fewest axes holding
-`pca_variance` of the variance). Then Adam minimises the error of the rotated, quantized layer's output against the fp
-layer's, each token's squared error relative to its own output (`output_error`), over the Householder
+`pca_variance` of the variance). Then Adam minimises the error of the rotated, quantized layer's output
+against the fp layer's, each token's squared error relative to its own output (`output_error`), over the Householder
 vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
 The next layer is calibrated on what the quantized layer outputs.
 
