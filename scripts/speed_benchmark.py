@@ -186,13 +186,13 @@ def _ratio(cell, bf16, key):
 
 
 def table(results: dict) -> str:
-    """One table per model: each method's ratios to bf16 under every label (bf16 of the same label and run)."""
-    labels = list(results["labels"])
+    """One table per model: each method's ratios to bf16 under every label that measured the model (bf16 of
+    the same label and run)."""
     lines = []
     for model in results["models"]:
-        cells = {lab: {c["method"]: c for c in results["labels"][lab].get(model, [])} for lab in labels}
-        rounds = ", ".join(f"{lab} {max(c.get('rounds', 1) for c in cells[lab].values())}" for lab in labels
-                           if cells[lab])
+        labels = [lab for lab in results["labels"] if results["labels"][lab].get(model)]
+        cells = {lab: {c["method"]: c for c in results["labels"][lab][model]} for lab in labels}
+        rounds = ", ".join(f"{lab} {max(c.get('rounds', 1) for c in cells[lab].values())}" for lab in labels)
         lines += [f"**{model}** (ratios to bf16 of the same run and mode, eager or compiled; bf16 and llama.cpp "
                   f"in tokens/s; rounds per cell: {rounds})", ""]
         head = ["method"] + [f"decode {lab}" for lab in labels] + [f"prefill {lab}" for lab in labels]
@@ -236,7 +236,7 @@ def table(results: dict) -> str:
                 lines.append(f"| {lab} | {m} | " + " | ".join(f"{c.get(f'decode_tok_s_at_{n}', float('nan')):.1f}"
                                                              for n in contexts) + " |")
         lines.append("")
-    meta = "; ".join(f"{lab}: {results['labels'][lab]['_meta']}" for lab in labels)
+    meta = "; ".join(f"{lab}: {v['_meta']}" for lab, v in results["labels"].items())
     return "\n".join(lines) + f"\nMeasured: {meta}.\n"
 
 

@@ -209,6 +209,18 @@ def test_the_speed_benchmark_takes_each_figure_as_the_median_over_rounds():
                     "compile_s": 80.0, "rounds": 3}
 
 
+def test_the_speed_table_shows_a_model_only_the_labels_that_measured_it():
+    speed = _benchmark("speed_benchmark")
+    cell = {"method": "bf16", "decode_tok_s": 10.0, "prefill_tok_s": 100.0}
+    results = {"models": ["a", "b"], "labels": {"old": {"_meta": "m1", "a": [cell], "b": [cell]},
+                                                 "new": {"_meta": "m2", "a": [{**cell, "decode_tok_s": 12.0}]}}}
+    text = speed.table(results)
+    table_a, table_b = text.split("**b**")
+    assert "decode new" in table_a and "12.0 tok/s" in table_a
+    assert "decode new" not in table_b and "decode old" in table_b
+    assert "old: m1; new: m2" in text  # every label's provenance, under the last table
+
+
 def test_the_benchmark_runs_any_declared_method_by_name():
     bench = _benchmark()
     assert bench.parse_method("hqq:bits=3,group_size=128") == ("hqq", 3, 128, {"bits": 3, "group_size": 128})
