@@ -515,7 +515,8 @@ METHOD = Method(
              Option("--weight-quantizer", "weight_quantizer", str, "gptq or rtn, both on the learned "
                     "clipping grid"),
              Option("--reflections", "reflections", int, "reflections per rotation"),
-             Option("--pca-variance", "pca_variance", float, "share of variance the PCA init covers"),
+             Option("--pca-variance", "pca_variance", float, "instead of --reflections: each rotation's k "
+                    "from this share of its input variance"),
              Option("--steps", "steps", int, "Adam steps per decoder layer"),
              Option("--lr", "lr", float, "learning rate"),
              Option("--cali-bsz", "cali_bsz", int, "calibration windows per step"),
