@@ -1,5 +1,5 @@
 """Householder rotations (HH): a learned orthogonal Q = Had·H_k…H_1 in front of each group of linears,
-optimized layer by layer together with learnable quantizer clipping (FlatQuant-style).
+optimized layer by layer together with learnable weight clipping (FlatQuant-style).
 
 Per decoder layer, four rotations: one shared by q/k/v, one for o_proj, one shared by gate/up, one for
 down_proj. Each starts from PCA: reflections that map the top-k principal axes of its calibration
@@ -8,8 +8,11 @@ directions, so the variance those axes carry is spread over every channel, and t
 the rest of the space as QuaRot's does (k = `reflections`, or per rotation the fewest axes holding
 `pca_variance` of the variance). Then Adam minimises the error of the rotated, quantized layer's output
 against the fp layer's, each token's squared error relative to its own output (`output_error`), over the Householder
-vectors, a clipping ratio per weight row and one per activation quantizer (straight-through rounding).
-The next layer is calibrated on what the quantized layer outputs.
+vectors and a clipping ratio per weight group, initialised from QuaRot's per-group search (`clip_ratios`),
+with straight-through rounding. Activations are quantized as QuantLinear quantizes them at run time: per
+token, at 4 bits each token's clipping searched (`modules.ACT_CLIP`). One learned ratio per activation
+quantizer cannot follow the token-to-token spread of ranges, and a few hundred Adam steps barely move a
+ratio that starts near 1. The next layer is calibrated on what the quantized layer outputs.
 
 Inference: W' = W·Qᵀ is quantized into a QuantLinear (round-to-nearest on the learned clipping grid, or,
 with weight_quantizer="gptq", GPTQ onto that same grid with the rotated inputs' Hessian Q·E[xxᵀ]·Qᵀ from
@@ -17,8 +20,8 @@ the calibration pass that fed the PCA: no extra data or forward pass), and Q is 
 rank-1 updates (no rotation folds into an RMSNorm, through attention or through the gated MLP). The
 shared rotations of q/k/v and gate/up run once, right after the norm that feeds the group (`RotatedNorm`);
 o_proj and down_proj carry their own (`QuantLinear(input_transform="householder")`). The checkpoint holds
-the packed weights, each rotation's vectors once, in the compute dtype, and the learned clip ratios;
-reload sizes each rotation from the checkpoint header.
+the packed weights (the learned clipping is in their scales) and each rotation's vectors once, in the compute
+dtype; reload sizes each rotation from the checkpoint header.
 """
 import logging
 import math
@@ -30,8 +33,8 @@ from torch import nn
 from . import calibration, integration, reflections, rotation
 from .base import (CALIBRATION_OPTIONS, AfterLoadHfQuantizer, LowbitConfig, Method, Option, check_calibration,
                    check_choice)
-from .modules import HouseholderRotation, QuantLinear, RotatedNorm
-from .quantize import quantize_gptq, quantize_rtn_ratio
+from .modules import ACT_CLIP, HouseholderRotation, QuantLinear, RotatedNorm
+from .quantize import CLIP_GRID, clip_ratios, quantize_activations, quantize_gptq, quantize_rtn_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,11 @@ GROUPS = {"qkv": integration.SHARED_INPUT_GROUPS["qkv"], "o": ("self_attn.o_proj
           "gate_up": integration.SHARED_INPUT_GROUPS["gate_up"], "down": ("mlp.down_proj",)}
 NORM_OF_GROUP = {"qkv": "input_layernorm", "gate_up": "post_attention_layernorm"}  # rotation stored there
 GROUP_SIZES = (32, 64, 128, -1)
-INIT_CLIP_LOGIT = 5.0  # sigmoid(5) = 0.993: start from (almost) the unclipped range
 GENERATED_SOURCE = "text sampled from the model itself (no calibration data reachable)"
 
 
 class HouseholderConfig(LowbitConfig):
-    """Learned Householder rotations with learnable clipping, W{bits}A{act_bits}.
+    """Learned Householder rotations with learnable weight clipping, W{bits}A{act_bits}.
 
     Args:
         bits: 4 or 8. act_bits: 4, 8 or 16 (16: weight-only).
@@ -193,53 +195,52 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int, ratio: torch.Tensor) -> torch.Tensor:
-    """What `quantize_rtn_ratio` stores, differentiable (straight-through rounding) in w and ratio [out]."""
+    """What `quantize_rtn_ratio` stores, differentiable (straight-through rounding) in w and ratio [out, groups]."""
     out, k = w.shape
     g = w.reshape(out, k // group_size, group_size)
-    r = ratio.view(-1, 1)
-    lo, hi = g.amin(-1) * r, g.amax(-1) * r
+    lo, hi = g.amin(-1) * ratio, g.amax(-1) * ratio
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-8).unsqueeze(-1)
     q = torch.clamp(_round_ste((g - lo.unsqueeze(-1)) / scale), 0, qmax)
     return (q * scale + lo.unsqueeze(-1)).reshape(out, k)
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int, ratio: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric with clipping `ratio` (as QuantLinear's integer path), straight-through."""
+def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """QuantLinear's per-token activation quantizer (clipped as ACT_CLIP says), differentiable in x:
+    each token's clipping ratio is picked without gradient, its max|x| and the rounding are straight-through."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(-1, keepdim=True) * ratio / qmax).clamp_min(1e-8)
+    with torch.no_grad():
+        _, picked = quantize_activations(x.detach(), bits, ACT_CLIP[bits])
+    amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    scale = picked * (amax / amax.detach())  # the picked scale, its gradient through max|x| as ratio / qmax
     return torch.clamp(_round_ste(x / scale), -qmax - 1, qmax) * scale
 
 
-class _Rotation(nn.Module):
-    """One learnable rotation and the activation clipping of the quantizer behind it."""
-
-    def __init__(self, vectors: torch.Tensor):
-        super().__init__()
-        self.vectors = nn.Parameter(vectors.clone())
-        self.act_clip_logit = nn.Parameter(torch.tensor(INIT_CLIP_LOGIT))
-
-
 class _TrainingLinear(nn.Module):
-    """Stands in for a linear during optimization: y = Q_a(Q·x) · Q_w(W·Qᵀ)ᵀ + b, all differentiable."""
+    """Stands in for a linear during optimization: y = Q_a(Q·x) · Q_w(W·Qᵀ)ᵀ + b, all differentiable.
+    `vectors`: the learnable Householder vectors of Q (None: no rotation, the clipping not learned)."""
 
-    def __init__(self, linear: nn.Linear, rot: _Rotation | None, config: HouseholderConfig):
+    def __init__(self, linear: nn.Linear, vectors: nn.Parameter | None, config: HouseholderConfig):
         super().__init__()
         self.register_buffer("weight", linear.weight.detach().float())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.rot, self.config = rot, config
+        self.vectors, self.config = vectors, config
         self.group_size = config.group_size_for(linear.in_features)
-        self.weight_clip_logit = nn.Parameter(torch.full((linear.out_features,), INIT_CLIP_LOGIT))
+        with torch.no_grad():
+            w = self.weight if vectors is None else reflections.rotate(self.weight, vectors)
+            self.weight_clip = nn.Parameter(clip_ratios(w, config.bits, self.group_size),
+                                            requires_grad=vectors is not None)
+
+    def clip(self) -> torch.Tensor:
+        return self.weight_clip.clamp(CLIP_GRID[-1], 1.0)
 
     def forward(self, x):
         cfg, w, x = self.config, self.weight, x.float()
-        if self.rot is not None:
-            x, w = reflections.rotate(x, self.rot.vectors), reflections.rotate(w, self.rot.vectors)
-            if cfg.act_bits < 16:
-                x = fake_quantize_activations(x, cfg.act_bits, torch.sigmoid(self.rot.act_clip_logit))
-        elif cfg.act_bits < 16:
-            x = fake_quantize_activations(x, cfg.act_bits, torch.sigmoid(torch.tensor(INIT_CLIP_LOGIT)))
-        w = fake_quantize_weight(w, cfg.bits, self.group_size, torch.sigmoid(self.weight_clip_logit))
+        if self.vectors is not None:
+            x, w = reflections.rotate(x, self.vectors), reflections.rotate(w, self.vectors)
+        if cfg.act_bits < 16:
+            x = fake_quantize_activations(x, cfg.act_bits)
+        w = fake_quantize_weight(w, cfg.bits, self.group_size, self.clip())
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -294,13 +295,14 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
     covariances, _ = calibration.input_statistics(
         layer, inputs32, {g: layer.get_submodule(GROUPS[g][0]) for g in groups},
         calibration.gram, torch.Tensor.add_)
-    rots = {g: _Rotation(pca_reflections(covariances[g], config.pca_variance, config.reflections)) for g in groups}
+    rots = {g: nn.Parameter(pca_reflections(covariances[g], config.pca_variance, config.reflections))
+            for g in groups}
     original = _swap(layer, {n: _TrainingLinear(layer.get_submodule(n), None, config) for n in names})
     error_none = _layer_error(layer, inputs32, targets)
     trained = {n: _TrainingLinear(original[n], rots[_group_of(n)], config) for n in names}
     _swap(layer, trained)
     error_init = _layer_error(layer, inputs32, targets)
-    params = [p for r in rots.values() for p in r.parameters()] + [m.weight_clip_logit for m in trained.values()]
+    params = [*rots.values(), *(m.weight_clip for m in trained.values())]
     init_state = [p.detach().clone() for p in params]
     if steps:
         opt = torch.optim.Adam(params, lr=config.lr)
@@ -333,28 +335,26 @@ def optimize_layer(layer, inputs, config: HouseholderConfig, steps: int, names, 
         error_opt = error_init
     _swap(layer, original)
     layer.to(dtype)
-    return {"rotations": {g: r.vectors.detach().clone() for g, r in rots.items()},
-            "act_clip": {g: torch.sigmoid(r.act_clip_logit).detach().clone() for g, r in rots.items()},
-            "weight_clip": {n: torch.sigmoid(m.weight_clip_logit).detach().clone() for n, m in trained.items()},
+    return {"rotations": {g: r.detach().clone() for g, r in rots.items()},
+            "weight_clip": {n: m.clip().detach().clone() for n, m in trained.items()},
             "covariances": covariances,
             "error_none": error_none, "error_init": error_init, "error_opt": error_opt, "fell_back": fell_back,
-            "reflections": {g: r.vectors.shape[0] for g, r in rots.items()}}
+            "reflections": {g: r.shape[0] for g, r in rots.items()}}
 
 
 def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: HouseholderRotation | None = None,
-                     act_clip=None, weight_clip=None, owns_rotation: bool = True,
-                     hessian: torch.Tensor | None = None) -> QuantLinear:
-    """The QuantLinear of `linear` behind `rotation` with its learned clipping, or plain RTN (no rotation).
+                     weight_clip=None, owns_rotation: bool = True, hessian: torch.Tensor | None = None) -> QuantLinear:
+    """The QuantLinear of `linear` behind `rotation` with its learned weight clipping [out, groups], or RTN
+    with the clipping search (no rotation).
     `owns_rotation` False: the rotation runs before the module (in a RotatedNorm), only folded here.
     `hessian`: Σxxᵀ of the rotated inputs (Q·C·Qᵀ), for weight_quantizer="gptq"."""
     gs = config.group_size_for(linear.in_features)
     if rotation is None:
         return QuantLinear.from_linear(linear, config.bits, gs, solver="rtn_clip", act_bits=config.act_bits)
-    learned = config.act_bits < 16
     k = rotation.householder_vectors.shape[0] if owns_rotation else 0
     module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, config.bits, gs,
                          dtype=linear.weight.dtype, device=linear.weight.device, act_bits=config.act_bits,
-                         input_transform="householder" if k else None, reflections=k, learned_act_clip=learned)
+                         input_transform="householder" if k else None, reflections=k)
     rotated = rotation.fold(linear.weight.detach().float())  # W·Qᵀ
 
     def solve(w, bits, group_size, dtype):
@@ -366,8 +366,6 @@ def quantized_module(linear: nn.Linear, config: HouseholderConfig, rotation: Hou
         setattr(module, name, tensor)
     if k:
         module.rotation = rotation
-    if learned:
-        module.act_clip_ratio.copy_(act_clip)
     if linear.bias is not None:
         module.bias.data = linear.bias.data.clone()
     return module.prepare_runtime()
@@ -392,7 +390,7 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
     for rel in mine:
         group = _group_of(rel)
         integration.set_module(layer, rel, quantized_module(
-            layer.get_submodule(rel), config, rotations[group], res["act_clip"][group], res["weight_clip"][rel],
+            layer.get_submodule(rel), config, rotations[group], res["weight_clip"][rel],
             owns_rotation=group not in NORM_OF_GROUP, hessian=hessians.get(group)))
     for group, norm in NORM_OF_GROUP.items():
         if group not in rotations:
@@ -404,7 +402,7 @@ def quantize_layer(layer, index: int, inputs, names, config: HouseholderConfig, 
         integration.set_module(layer, norm, RotatedNorm(layer.get_submodule(norm), rotations[group]))
     integration.malloc_trim()()
     return {"layer": index, "steps": steps, "seconds": time.perf_counter() - start,
-            **{k: v for k, v in res.items() if k not in ("rotations", "act_clip", "weight_clip", "covariances")}}
+            **{k: v for k, v in res.items() if k not in ("rotations", "weight_clip", "covariances")}}
 
 
 def unrotate(model) -> None:
@@ -445,19 +443,24 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None,
     integration.prepare_runtime(model)
 
 
-def _checkpoint_rotations(checkpoint_files) -> dict:
-    """{name of the module holding a rotation (a linear or a norm): k} from the checkpoint header."""
+def _checkpoint_header(checkpoint_files) -> dict:
     header = {}
     for f in checkpoint_files or []:
         if str(f).endswith(".safetensors"):
             header.update(integration._safetensors_header(str(f)))
-    suffix = ".rotation.householder_vectors"
-    return {k[:-len(suffix)]: v["shape"][0] for k, v in header.items() if k.endswith(suffix)}
+    return header
+
+
+def _modules_with(header: dict, suffix: str) -> dict:
+    """{module name: the shape of its tensor `suffix`} for the header's tensors named <module>.<suffix>."""
+    return {k[:-len(suffix) - 1]: v["shape"] for k, v in header.items() if k.endswith("." + suffix)}
 
 
 class HouseholderHfQuantizer(AfterLoadHfQuantizer):
     """Quantize on load: `quantize_model` optimizes and quantizes the loaded fp model layer by layer.
-    Reload: RotatedNorm and QuantLinear modules sized from the checkpoint's Householder vectors."""
+    Reload: RotatedNorm and QuantLinear modules sized from the checkpoint's Householder vectors. Checkpoints
+    written before the activation clipping was searched per token hold one learned ratio per activation
+    quantizer (`act_clip_ratio`); their layers keep it."""
 
     def target_names(self, model):
         names = integration.linears_to_quantize(model, self.quantization_config.modules_to_not_convert)
@@ -465,7 +468,9 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
         return names
 
     def replace_for_reload(self, model, names, checkpoint_files):
-        cfg, ks = self.quantization_config, _checkpoint_rotations(checkpoint_files)
+        cfg, header = self.quantization_config, _checkpoint_header(checkpoint_files)
+        ks = {name: shape[0] for name, shape in _modules_with(header, "rotation.householder_vectors").items()}
+        learned_act_clip = _modules_with(header, "act_clip_ratio")
 
         def spec(name, linear):
             group = _group_of(name)
@@ -476,7 +481,7 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
             k = ks[name] if holder == name else 0
             return {"bits": cfg.bits, "group_size": cfg.group_size_for(linear.in_features),
                     "act_bits": cfg.act_bits, "input_transform": "householder" if k else None,
-                    "reflections": k, "learned_act_clip": holder is not None and cfg.act_bits < 16}
+                    "reflections": k, "learned_act_clip": name in learned_act_clip}
 
         integration.replace_with_quant_linear(model, names, self.dtype, with_placeholder=False, spec=spec)
         for name, k in ks.items():

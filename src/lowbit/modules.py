@@ -15,7 +15,7 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 - `input_transform="householder"`: x ← Q·x by the submodule `rotation` (a `HouseholderRotation`,
   whose vectors the checkpoint holds; the weight holds W·Qᵀ);
 - `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
-  (learned, Householder) instead of ACT_CLIP[act_bits];
+  instead of ACT_CLIP[act_bits] (Householder checkpoints saved when it learned that ratio still hold one);
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped as ACT_CLIP[act_bits] says)
   and the product is one `torch._int_mm` (`kernels.int8_linear`) with the weight re-rounded at load onto
   a per-channel int8 grid (`kernels.int8_channel_weight`, runtime buffers beside the packed codes, which

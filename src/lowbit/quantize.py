@@ -130,22 +130,27 @@ def round_to_grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     return q, scale, lo + 2 ** (bits - 1) * scale
 
 
+def _rtn_at(w: torch.Tensor, bits: int, group_size: int, ratio):
+    """Round-to-nearest on each group's min/max range shrunk by `ratio` (a number or [out, groups])."""
+    mask = _valid_mask(w.shape[1], group_size, w.device)
+    g = _grouped(w, group_size)
+    lo, hi = _masked_range(g, mask)
+    return _finish(*round_to_grid(g, lo * ratio, hi * ratio, bits))
+
+
 @_blockwise()
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int):
     """Plain round-to-nearest on the min/max grid of each group (the baseline)."""
-    mask = _valid_mask(w.shape[1], group_size, w.device)
-    g = _grouped(w, group_size)
-    return _finish(*round_to_grid(g, *_masked_range(g, mask), bits))
+    return _rtn_at(w, bits, group_size, 1.0)
 
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.0 .. 0.5
 CLIP_NORM = 2.4
 
 
-@_blockwise()
-def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
-    """Round-to-nearest with a per-group clipping search (calibration-free, as QuaRot's RTN): the
-    min/max range shrunk by the factor in CLIP_GRID that minimises Σ|W − Ŵ|^2.4 over the group."""
+def clip_ratios(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Per group [out, groups], the factor in CLIP_GRID shrinking the min/max range that minimises
+    Σ|W − Ŵ|^2.4 over the group (the first on ties)."""
     mask = _valid_mask(w.shape[1], group_size, w.device)
     g = _grouped(w, group_size)
     lo0, hi0 = _masked_range(g, mask)
@@ -155,26 +160,27 @@ def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
         w_hat = (q - 2 ** (bits - 1)) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
         err = ((w_hat - g).abs().pow(CLIP_NORM) * mask).sum(-1)
         if best is None:
-            best_err, best = err, [q, scale, offset]
+            best_err, best = err, torch.full_like(err, r)
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best[0] = torch.where(better.unsqueeze(-1), q, best[0])
-        best[1] = torch.where(better, scale, best[1])
-        best[2] = torch.where(better, offset, best[2])
-    return _finish(*best)
+        best = torch.where(better, r, best)
+    return best
+
+
+@_blockwise()
+def quantize_rtn_clip(w: torch.Tensor, bits: int, group_size: int):
+    """Round-to-nearest with a per-group clipping search (calibration-free, as QuaRot's RTN): each
+    group's range shrunk by its `clip_ratios` factor."""
+    return _rtn_at(w, bits, group_size, clip_ratios(w, bits, group_size))
 
 
 def quantize_rtn_ratio(w: torch.Tensor, bits: int, group_size: int, ratio: torch.Tensor,
                        dtype: torch.dtype = torch.float32):
-    """Round-to-nearest on each group's min/max range shrunk by a per-row `ratio` [out] (learned
+    """Round-to-nearest on each group's min/max range shrunk by its `ratio` [out, groups] (learned
     clipping: Householder optimizes these ratios through the same grid)."""
     _check(bits, group_size)
-    mask = _valid_mask(w.shape[1], group_size, w.device)
-    g = _grouped(w, group_size)
-    lo, hi = _masked_range(g, mask)
-    r = ratio.float().view(-1, 1)
-    codes, scale_offset = _finish(*round_to_grid(g, lo * r, hi * r, bits))
+    codes, scale_offset = _rtn_at(w, bits, group_size, ratio.float())
     return codes, _round_for_storage(w, codes, scale_offset, bits, group_size, dtype)
 
 
