@@ -11,8 +11,8 @@ against the fp layer's, each token's squared error relative to its own output (`
 vectors and a clipping ratio per weight group, initialised from QuaRot's per-group search (`clip_ratios`),
 with straight-through rounding. Activations are quantized as QuantLinear quantizes them at run time: per
 token, at 4 bits each token's clipping searched (`modules.ACT_CLIP`). One learned ratio per activation
-quantizer cannot follow the token-to-token spread of ranges, and a few hundred Adam steps barely move a
-ratio that starts near 1. The next layer is calibrated on what the quantized layer outputs.
+quantizer cannot follow how ranges vary from token to token, as the search does. The next layer is
+calibrated on what the quantized layer outputs.
 
 Inference: W' = W·Qᵀ is quantized into a QuantLinear (round-to-nearest on the learned clipping grid, or,
 with weight_quantizer="gptq", GPTQ onto that same grid with the rotated inputs' Hessian Q·E[xxᵀ]·Qᵀ from
