@@ -168,7 +168,8 @@ print(json.dumps({{"cls": type(layer.self_attn.q_proj).__name__, "k": layer.inpu
     save_file({**tensors, **old}, out / "model.safetensors", metadata={"format": "pt"})
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     ratios = {n: m.act_clip_ratio for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
-    assert ratios.keys() == mods.keys() and all(r is not None and r.item() == pytest.approx(0.7) for r in ratios.values())
+    assert ratios.keys() == mods.keys()
+    assert all(r is not None and r.item() == pytest.approx(0.7) for r in ratios.values())
     assert not torch.equal(forward_logits(reloaded, ids), logits)  # clipped at 0.7, not per token
     del tensors["model.layers.1.post_attention_layernorm.rotation.householder_vectors"]
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -443,14 +443,6 @@ def quantize_model(model, config: HouseholderConfig, report: list | None = None,
     integration.prepare_runtime(model)
 
 
-def _checkpoint_header(checkpoint_files) -> dict:
-    header = {}
-    for f in checkpoint_files or []:
-        if str(f).endswith(".safetensors"):
-            header.update(integration._safetensors_header(str(f)))
-    return header
-
-
 def _modules_with(header: dict, suffix: str) -> dict:
     """{module name: the shape of its tensor `suffix`} for the header's tensors named <module>.<suffix>."""
     return {k[:-len(suffix) - 1]: v["shape"] for k, v in header.items() if k.endswith("." + suffix)}
@@ -468,7 +460,7 @@ class HouseholderHfQuantizer(AfterLoadHfQuantizer):
         return names
 
     def replace_for_reload(self, model, names, checkpoint_files):
-        cfg, header = self.quantization_config, _checkpoint_header(checkpoint_files)
+        cfg, header = self.quantization_config, integration.checkpoint_header(checkpoint_files) or {}
         ks = {name: shape[0] for name, shape in _modules_with(header, "rotation.householder_vectors").items()}
         learned_act_clip = _modules_with(header, "act_clip_ratio")
 

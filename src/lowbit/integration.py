@@ -190,16 +190,25 @@ def _safetensors_header(path: str) -> dict:
     return header
 
 
+def checkpoint_header(checkpoint_files) -> dict | None:
+    """{tensor name: its header entry (dtype, shape, offsets)} over every .safetensors file of a checkpoint;
+    None when it has none (nothing to read without loading)."""
+    files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+    if not files:
+        return None
+    header = {}
+    for f in files:
+        header.update(_safetensors_header(str(f)))
+    return header
+
+
 def verify_checkpoint(model: nn.Module, checkpoint_files) -> None:
     """Fail loudly, before loading, if a lowbit checkpoint lacks a quantized tensor or has a wrong shape.
 
     transformers only warns about missing or mismatched keys and fills them with random values."""
-    files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
-    if not files:
+    header = checkpoint_header(checkpoint_files)
+    if header is None:
         return
-    header = {}
-    for f in files:
-        header.update(_safetensors_header(str(f)))
     for name, module in quant_linears(model):
         for buf, expected in module.state_dict().items():
             key = f"{name}.{buf}"
