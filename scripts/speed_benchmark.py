@@ -5,7 +5,7 @@
 Per model, a checkpoint per method is made once under --checkpoints (speed does not depend on the
 weight solver, so the rotation methods use RTN and the least calibration their runtime needs:
 Householder with its PCA initialisation, no optimisation steps; SVDQuant for the NVFP4 runtime that
-ARHQ shares; `-dres` keeps its residuals dequantized, `dequantized_residual`). Each cell then loads its checkpoint
+ARHQ shares; `-int8` runs it on its int8 runtime, `int8_runtime`). Each cell then loads its checkpoint
 in a fresh process and measures, at batch 1:
 - prefill: tokens/s of one forward over a 512-token prompt (the last position's logits, as `generate`);
 - decode: tokens/s of 64 greedy tokens after a 16-token prompt, eager, from the first generated token's
@@ -41,7 +41,7 @@ DOC = ROOT / "docs" / "speed.md"
 MARK = ("<!-- results:speed:start -->", "<!-- results:speed:end -->")
 KV_METHODS = ("quarot-w4a8kv8", "quarot-w4a8kv4", "quarot-w4a4kv4")
 METHODS = ("bf16", "hqq-w4g64", "hqq-w4g64-head", *KV_METHODS, "hh-w4a8", "hh-w4a4", "svdquant-r128",
-           "svdquant-r128-dres")
+           "svdquant-r128-int8")
 
 
 def config_for(method: str, calibration: str):
@@ -55,7 +55,7 @@ def config_for(method: str, calibration: str):
     if method.startswith("hh-"):
         return lowbit.HouseholderConfig(act_bits=int(method[-1]), weight_quantizer="rtn", steps=0, nsamples=4,
                                         seqlen=256, calibration=calibration)
-    if method.startswith("svdquant-r128"):  # -dres: the same checkpoint, its residuals kept after loading
+    if method.startswith("svdquant-r128"):  # -int8: the same checkpoint, switched to the int8 runtime after loading
         return lowbit.ArhqConfig(decomposition="svdquant", rank=128)
     raise SystemExit(f"--methods: unknown {method!r}; choose from {', '.join(METHODS)}")
 
@@ -67,7 +67,7 @@ def checkpoint(model: str, method: str, args) -> Path:
     src = MODELS / model
     if method == "bf16":
         return src
-    dst = Path(args.checkpoints) / f"{model}-{method.removesuffix('-dres')}"
+    dst = Path(args.checkpoints) / f"{model}-{method.removesuffix('-int8')}"
     if not dst.exists():
         model_ = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
                                                       quantization_config=config_for(method, args.calib))
@@ -120,10 +120,10 @@ def run_cell(model_name: str, method: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
-    if method.endswith("-dres"):  # a saved checkpoint's own config wins at reload: switched on after loading
+    if method.endswith("-int8"):  # a saved checkpoint's own config wins at reload: switched on after loading
         from lowbit import arhq
 
-        arhq.keep_dequantized_residuals(model)
+        arhq.use_int8_runtime(model)
     vocab = model.config.get_text_config().vocab_size
 
     def random_ids(n, seed):

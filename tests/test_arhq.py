@@ -1,6 +1,7 @@
 """ARHQ / SVDQuant: the decomposition against its objective, the NVFP4 module against its reference,
 smoothing folded without changing the fp model, quantize on load, native reload."""
 import json
+import logging
 import re
 
 import pytest
@@ -34,7 +35,7 @@ def _outlier_layer(n=2048, k=128, out=96, seed=0):
     ({}, r"decomposition='arhq' with rank=128 needs calibration data"),
     ({"decomposition": "svdquant", "smoothing": 0.5}, r"smoothing=0.5 needs calibration data"),
     ({"nsamples": 0, "calibration": CALIBRATION_TEXTS}, r"nsamples must be a positive integer, got 0"),
-    ({"rank": 0, "dequantized_residual": "yes"}, r"dequantized_residual must be True or False, got 'yes'"),
+    ({"rank": 0, "int8_runtime": "yes"}, r"int8_runtime must be True or False, got 'yes'"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -185,25 +186,80 @@ def test_generate_and_pipeline_after_reload_continue_as_before(tiny_llama_16, tm
                      reloaded=AutoModelForCausalLM.from_pretrained(tmp_path))
 
 
-def test_dequantized_residual_trades_memory_for_the_same_outputs(tiny_llama_16, tmp_path):
+def test_int8_runtime_layer_is_one_integer_product_near_the_simulation():
+    x, w = _outlier_layer(n=256)
+    u, s, vh = torch.linalg.svd(w)
+    lora_up, lora_down = u[:, :4] * s[:4], vh[:4]
+    bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1))
+    layer = Nvfp4Linear.from_weight(w, bias, lora_up, lora_down)
+    simulated = layer(x)
+    layer.use_int8_runtime()
+    fast = layer(x)
+    residual = layer.dequantize_residual(torch.float32)
+    step = residual.abs().amax(-1, keepdim=True) / 127
+    assert layer.int8_weight.dtype == torch.int8 and torch.allclose(layer.int8_scale, step[:, 0])
+    assert ((layer.int8_weight.float() * step - residual).abs() <= step * (0.5 + 1e-5)).all()
+    codes, scale = nvfp4.int8_codes_per_token(x)
+    w8 = layer.int8_weight.double() * layer.int8_scale.double()[:, None]
+    reference = (codes.double() * scale.double()) @ w8.T + bias.double() + x.double() @ (lora_up @ lora_down).double().T
+    assert torch.allclose(fast.double(), reference, rtol=1e-5, atol=1e-4)
+    # the re-rounding adds little to NVFP4's own error (measured 0.15 of it in norm with these outliers)
+    exact = x @ w.T + bias
+    assert (fast - simulated).norm() < 0.25 * (simulated - exact).norm()
+
+
+def test_int8_runtime_falls_back_to_float32_where_int_mm_refuses(monkeypatch, caplog):
+    from lowbit import kernels
+
+    x, w = _outlier_layer(n=8)
+    layer = Nvfp4Linear.from_weight(w, None)
+    layer.use_int8_runtime()
+    fast = layer(x)
+    monkeypatch.setattr(kernels, "int8_mm_supported", lambda *a: False)
+    with caplog.at_level(logging.INFO, logger="lowbit.modules"):
+        slow = layer(x)
+        layer(x)
+    assert sum("computing it in float32" in r.message for r in caplog.records) == 1  # said once
+    assert torch.allclose(slow, fast, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_runtime_model_shares_products_and_saves_the_packed_tensors(tiny_llama_16, tmp_path):
     def load(path, **kw):
         cfg = lowbit.ArhqConfig(rank=4, decomposition="svdquant", **kw)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=cfg)
 
-    packed, kept = load(tiny_llama_16), load(tiny_llama_16, dequantized_residual=True)
-    layers = [m for m in kept.modules() if isinstance(m, Nvfp4Linear)]
-    assert layers and all(m.dequantized_residual is not None for m in layers)
-    extra = sum(m.in_features * m.out_features * 2 for m in layers)  # bf16 residuals
-    assert kept.get_memory_footprint() == packed.get_memory_footprint() + extra
+    simulated, fast = load(tiny_llama_16), load(tiny_llama_16, int8_runtime=True)
+    layers = [m for m in fast.modules() if isinstance(m, Nvfp4Linear)]
+    assert layers and all(m.int8_weight is not None for m in layers)
+    extra = sum(m.out_features * (m.in_features + 4) for m in layers)  # int8 weights, a float32 scale per row
+    assert fast.get_memory_footprint() == simulated.get_memory_footprint() + extra
+    attn = fast.model.layers[0].self_attn
+    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input is not None
+    x = torch.randn(2, 5, attn.q_proj.in_features, dtype=torch.bfloat16)
+    together = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+    shared, attn.q_proj.shared_input = attn.q_proj.shared_input, None
+    assert torch.equal(attn.q_proj(x), together[0])  # each entry an exact integer dot product
+    attn.q_proj.shared_input = shared
     ids = torch.randint(3, 80, (2, 12), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(kept(ids).logits, packed(ids).logits)
-    packed.save_pretrained(tmp_path / "packed")
-    kept.save_pretrained(tmp_path / "kept")  # the residual is runtime only: the same tensors on disk
-    assert (tmp_path / "kept/model.safetensors").read_bytes() == (tmp_path / "packed/model.safetensors").read_bytes()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kept")  # the config says to keep it
-    assert all(m.dequantized_residual is not None for m in reloaded.modules() if isinstance(m, Nvfp4Linear))
-    arhq.keep_dequantized_residuals(packed)  # on a loaded model
-    assert packed.get_memory_footprint() == kept.get_memory_footprint()
+    logits, reference = fast(ids).logits.float(), simulated(ids).logits.float()
+    assert not torch.equal(logits, reference)
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0) > 0.99
+    simulated.save_pretrained(tmp_path / "simulated")
+    fast.save_pretrained(tmp_path / "fast")  # the int8 copy is runtime only: the same tensors on disk
+    assert ((tmp_path / "fast/model.safetensors").read_bytes()
+            == (tmp_path / "simulated/model.safetensors").read_bytes())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fast")  # the config says to use it
+    assert torch.equal(reloaded(ids).logits, fast(ids).logits)
+    arhq.use_int8_runtime(simulated)  # on a loaded model
+    assert torch.equal(simulated(ids).logits, fast(ids).logits)
+    assert simulated.get_memory_footprint() == fast.get_memory_footprint()
+
+
+def test_the_int8_runtimes_former_name_still_works():
+    with pytest.warns(DeprecationWarning, match=r"dequantized_residual=\.\.\.\) is deprecated, use int8_runtime"):
+        assert lowbit.ArhqConfig(rank=0, dequantized_residual=True).int8_runtime is True
+    with pytest.raises(ValueError, match="got both 'dequantized_residual' and 'int8_runtime'"):
+        lowbit.ArhqConfig(rank=0, dequantized_residual=True, int8_runtime=True)
 
 
 def test_dequantize_gives_the_layer_without_input_rounding(tiny_llama_16):

@@ -18,10 +18,11 @@ CONFIGS = {
     "householder": lambda: lowbit.HouseholderConfig(act_bits=8, group_size=32, weight_quantizer="rtn", steps=2,
                                                     nsamples=2, cali_bsz=1, seqlen=32, calibration=CALIBRATION_TEXTS),
     "arhq": lambda: lowbit.ArhqConfig(rank=8, calibration=CALIBRATION_TEXTS, nsamples=2, seqlen=32),
+    "arhq-int8": lambda: lowbit.ArhqConfig(rank=8, decomposition="svdquant", int8_runtime=True),
 }
 
 
-FOUR_BIT_ACTIVATIONS = ("quarot-w4a4kv8", "arhq")
+FOUR_BIT_ACTIVATIONS = ("quarot-w4a4kv8", "arhq", "arhq-int8")
 
 
 @pytest.fixture(scope="module")

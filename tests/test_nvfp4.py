@@ -167,3 +167,20 @@ def test_dequantize_rounds_once_to_dtype(dtype):
     out = F.dequantize(packed, scales, ts, dtype)
     assert out.dtype == dtype and torch.equal(out, expected)
     assert torch.equal(F.dequantize(packed[:, 1], scales[:, 1], ts, dtype), expected[:, 1])  # a strided slice
+
+
+def test_int8_codes_are_the_nvfp4_values_rounded_onto_each_tokens_int8_grid():
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 7)[:, None]
+    x[:, 40:56] *= 1e-3  # a quiet block, whose NVFP4 steps are finer than the int8 grid
+    x[2] = 0.0
+    codes, scale = F.int8_codes_per_token(x)
+    assert codes.dtype == torch.int8 and scale.shape == (7, 1)
+    nvfp4_values = F.fake_quantize_per_token(x)
+    amax = x.abs().amax(-1, keepdim=True)
+    nonzero = amax[:, 0] > 0
+    assert torch.equal(codes.abs().amax(-1)[nonzero], torch.full((6,), 127, dtype=torch.int8))  # max|x| is 127
+    assert torch.allclose(scale[nonzero], amax[nonzero] / 127, rtol=1e-6)
+    assert torch.equal(codes[2], torch.zeros(96, dtype=torch.int8))
+    # each code is the nearest one to its NVFP4 value (ties aside: within half a step plus float rounding)
+    assert ((codes.float() * scale - nvfp4_values).abs() <= scale * (0.5 + 1e-5)).all()
+    assert not torch.equal(codes.float() * scale, nvfp4_values)  # a re-rounding, not the NVFP4 values

@@ -47,24 +47,25 @@ class ArhqConfig(LowbitConfig):
         calibration: a local text file, a list of strings, or a `datasets` name ("name[:subset]").
         nsamples, seqlen: calibration windows and their length in tokens; seed picks the windows.
         modules_to_not_convert: module names kept in the compute dtype (the head by default).
-        dequantized_residual: keep each layer's residual dequantized in the compute dtype beside its
-            packed codes (2 more bytes per weight in memory, the packed tensors unchanged): the simulated
-            layer then costs a bf16 matmul instead of a dequantization per call. Saved in the config, so
-            a reload keeps it; `lowbit.arhq.keep_dequantized_residuals(model)` turns it on for a model
-            already loaded.
+        int8_runtime: compute each layer as one int8 product (`torch._int_mm`) instead of simulating NVFP4
+            exactly: the residual re-rounded once onto a per-channel int8 grid (1 more byte per weight in
+            memory, the packed tensors unchanged), the input's NVFP4 values re-rounded per token onto int8.
+            Faster than the model in bf16 on CPU, at a perplexity cost docs/arhq.md states. Saved in the
+            config, so a reload keeps it; `lowbit.arhq.use_int8_runtime(model)` switches a loaded model.
     """
 
     quant_method = "lowbit_arhq"
     _fields = {"rank": 128, "decomposition": "arhq", "smoothing": None, "calibration": None, "nsamples": 128,
-               "seqlen": 2048, "seed": 13, "modules_to_not_convert": ["lm_head"], "dequantized_residual": False}
+               "seqlen": 2048, "seed": 13, "modules_to_not_convert": ["lm_head"], "int8_runtime": False}
+    _renamed = {"dequantized_residual": "int8_runtime"}
 
     def validate(self):
         super().validate()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative integer (0 = no low-rank branch), got {self.rank!r}")
         check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
-        if not isinstance(self.dequantized_residual, bool):
-            raise ValueError(f"dequantized_residual must be True or False, got {self.dequantized_residual!r}")
+        if not isinstance(self.int8_runtime, bool):
+            raise ValueError(f"int8_runtime must be True or False, got {self.int8_runtime!r}")
         alpha = self.smoothing
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise ValueError(f"smoothing must be None or a migration strength alpha in [0, 1], got {alpha!r}")
@@ -264,15 +265,17 @@ class ArhqHfQuantizer(AfterLoadHfQuantizer):
         self.prepare_runtime(model)
 
     def prepare_runtime(self, model):
-        if self.quantization_config.dequantized_residual:
-            keep_dequantized_residuals(model, self.dtype)
+        if self.quantization_config.int8_runtime:
+            use_int8_runtime(model)
 
 
-def keep_dequantized_residuals(model, dtype: torch.dtype | None = None) -> None:
-    """Hold every Nvfp4Linear's residual dequantized (in `dtype`, default the model's): memory for speed,
-    the same outputs."""
+def use_int8_runtime(model) -> None:
+    """Switch every Nvfp4Linear of a loaded model to its int8 runtime (`ArhqConfig.int8_runtime`)."""
+    trim = integration.malloc_trim()
     for _, module in integration.quant_linears(model):
-        module.keep_dequantized_residual(dtype or model.dtype)
+        module.use_int8_runtime()
+        trim()
+    integration.share_input_products(model)
 
 
 METHOD = Method(

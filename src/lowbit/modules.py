@@ -181,13 +181,14 @@ class QuantLinear(nn.Module):
     def _integer_forward(self, x):
         if self.layout != "int8_channel":
             self.prepare_runtime()
-        shared = self.shared_input
-        y = None
-        if shared is not None and not torch.compiler.is_compiling():  # compiled: each layer alone, in the graph
-            y = shared.output(self, x)
-        if y is None:
-            y = self._integer_product(x, self.int8_weight, self.int8_scale)
+        y = _int8_product(self, x)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def quantizes_input_like(self, other: "QuantLinear") -> bool:
+        """Whether `other` reads the same input into the same int8 codes (`SharedInputProduct`)."""
+        mine, theirs = self.act_clip_ratio, other.act_clip_ratio
+        return (self.act_bits == other.act_bits and self.input_transform is None and other.input_transform is None
+                and (mine is None) == (theirs is None) and (mine is None or torch.equal(mine, theirs)))
 
     def _integer_product(self, x, int8_weight, int8_scale):
         """Q(x)·Wᵀ without the bias, in x's dtype, for this layer's int8 weight or several layers' stacked."""
@@ -232,10 +233,21 @@ class QuantLinear(nn.Module):
         return w
 
 
+def _int8_product(module, x: torch.Tensor) -> torch.Tensor:
+    """An int8 layer's product (no bias): its columns of a `SharedInputProduct`, or its own."""
+    shared = module.shared_input
+    if shared is not None and not torch.compiler.is_compiling():  # compiled: each layer alone, in the graph
+        y = shared.output(module, x)
+        if y is not None:
+            return y
+    return module._integer_product(x, module.int8_weight, module.int8_scale)
+
+
 class SharedInputProduct:
-    """One activation quantization and one `torch._int_mm` for int8 QuantLinears that read the same input
-    (q/k/v, gate/up): the first member called with an input multiplies it by all members' weights stacked,
-    and the others take their columns of that product when called with the same, unmodified tensor.
+    """One activation quantization and one `torch._int_mm` for int8 layers that read the same input
+    (q/k/v, gate/up; QuantLinears with quantized activations, Nvfp4Linears on their int8 runtime): the
+    first member called with an input multiplies it by all members' weights stacked, and the others take
+    their columns of that product when called with the same, unmodified tensor.
 
     The members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held twice). A
     member whose weight is no longer such a view (moved to another device, repacked) computes on its own,
@@ -263,14 +275,12 @@ class SharedInputProduct:
 
     @staticmethod
     def can_share(members: list) -> bool:
-        """Members must quantize their input the same way and live on the same device in the int8 layout."""
+        """Members must be int8 layers of one kind on one device that quantize their input the same way."""
         first = members[0]
-        ratios = [m.act_clip_ratio for m in members]
-        return (all(isinstance(m, QuantLinear) and m.layout == "int8_channel" and m.act_bits == first.act_bits
-                    and m.input_transform is None and m.in_features == first.in_features
-                    and m.int8_weight.device == first.int8_weight.device for m in members)
-                and (all(r is None for r in ratios)
-                     or all(r is not None and torch.equal(r, ratios[0]) for r in ratios)))
+        return (all(type(m) is type(first) and getattr(m, "int8_weight", None) is not None
+                    and m.in_features == first.in_features and m.int8_weight.device == first.int8_weight.device
+                    for m in members)
+                and all(first.quantizes_input_like(m) for m in members[1:]))
 
     def output(self, member: "QuantLinear", x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s columns of the shared product (no bias), or None: the member computes on its own."""
@@ -352,9 +362,11 @@ class Nvfp4Linear(nn.Module):
       module reads x / smooth_scale and its weights hold W·diag(smooth_scale)
     - `bias`         compute dtype [out] (optional)
     No CPU kernel computes in NVFP4, so the arithmetic is simulated: the residual is dequantized at each
-    call (memory holds the packed 4.5 bits per weight, not a float copy; `keep_dequantized_residual`
-    trades memory for speed) and the input is rounded to NVFP4 per token (a per-token tensor scale:
-    each token's result is independent of its batch).
+    call (memory holds the packed 4.5 bits per weight, not a float copy) and the input is rounded to
+    NVFP4 per token (a per-token tensor scale: each token's result is independent of its batch).
+    `use_int8_runtime` trades that exactness for speed: the residual is re-rounded once onto a
+    per-channel int8 grid and the input's NVFP4 values onto a per-token one, and the layer is one
+    `torch._int_mm` (as QuaRot's integer layers), plus the low-rank branch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, smooth: bool = False,
@@ -375,8 +387,12 @@ class Nvfp4Linear(nn.Module):
         self.register_buffer("lora_up", empty(out_features, rank) if rank else None)
         self.register_buffer("smooth_scale", empty(in_features) if smooth else None)
         self.bias = nn.Parameter(empty(out_features), requires_grad=False) if bias else None
-        # runtime only: the residual dequantized once (ArhqConfig(dequantized_residual=True))
-        self.register_buffer("dequantized_residual", None, persistent=False)
+        # runtime only (ArhqConfig(int8_runtime=True)): the residual as int8 [out, in], its float32 scale per
+        # output channel
+        self.register_buffer("int8_weight", None, persistent=False)
+        self.register_buffer("int8_scale", None, persistent=False)
+        self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
+        self._warned_fallback = False
 
     @classmethod
     @torch.no_grad()
@@ -415,20 +431,41 @@ class Nvfp4Linear(nn.Module):
         return self
 
     @torch.no_grad()
-    def keep_dequantized_residual(self, dtype: torch.dtype) -> None:
-        """Hold the residual dequantized in `dtype` from now on (memory for speed, same values)."""
-        self.dequantized_residual = self.dequantize_residual(dtype)
+    def use_int8_runtime(self) -> None:
+        """Compute from now on with an int8 copy of the residual (1 more byte per weight; see the class)."""
+        self.int8_weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_residual(torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
             x = x / self.smooth_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        residual = self.dequantized_residual
-        residual = self.dequantize_residual(x.dtype) if residual is None else residual.to(x.dtype)
-        y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), residual, bias)
+        if self.int8_weight is None:
+            y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), self.dequantize_residual(x.dtype), bias)
+        else:
+            y = _int8_product(self, x)
+            y = y if bias is None else y + bias
         if self.rank:
             y = y + nn.functional.linear(nn.functional.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
         return y
+
+    def quantizes_input_like(self, other: "Nvfp4Linear") -> bool:
+        """Whether `other` reads the same input into the same int8 codes (`SharedInputProduct`)."""
+        return self.smooth_scale is None and other.smooth_scale is None
+
+    def _integer_product(self, x, int8_weight, int8_scale):
+        """The residual product of `use_int8_runtime`, in x's dtype, for this layer's weight or several stacked."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        codes, scale = nvfp4.int8_codes_per_token(x2)
+        if kernels.int8_mm_supported(x2.shape[0], self.in_features, int8_weight.shape[0], x.device):
+            y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
+        else:
+            if not self._warned_fallback:
+                logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing it in float32",
+                            self.extra_repr(), x2.shape[0], self.in_features, int8_weight.shape[0], x.device)
+                self._warned_fallback = True
+            y = (codes.float() @ int8_weight.float().T).mul_(scale).mul_(int8_scale)
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -109,3 +109,20 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
     values, block_scales = _rounded_blocks(xf, ts)
     return (values * block_scales.float().unsqueeze(-1) * ts.unsqueeze(-1)).reshape(x.shape).to(x.dtype)
+
+
+INT8_PER_E2M1_UNIT = 127 / (E2M1_MAX * E4M3_MAX)  # int8 steps per e2m1 · block scale unit
+
+
+def int8_codes_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] rounded through NVFP4 per token (as `fake_quantize_per_token`), then each value re-rounded
+    onto the token's int8 grid max|x|/127: (codes int8 [M, K], scale float32 [M, 1]), the input of one
+    `torch._int_mm`. The per-token tensor scale puts max|x| at 6 · 448 units, where it stays after NVFP4
+    rounding, so the codes span [-127, 127] and no other maximum is needed."""
+    _check_width(x.shape[-1])
+    xf = x.float()
+    ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
+    values, block_scales = _rounded_blocks(xf, ts)
+    # reshaped before the cast: inductor (torch 2.13) multiplies a reshaped int8 [M, K/16, 16] wrongly in _int_mm
+    units = (values * block_scales.float().unsqueeze(-1)).reshape(x.shape)
+    return units.mul_(INT8_PER_E2M1_UNIT).round_().to(torch.int8), ts / INT8_PER_E2M1_UNIT
