@@ -13,7 +13,7 @@ A result set is a folder results/<set>/ with its results.json (one cell per mode
 
 Methods (`--methods`, default: the first four at bits 4/3 and groups 64/128; `--methods QUAROT`: bf16,
 for each preset norot-rtn, quarot-rtn and quarot-gptq, and PCA (rtn, gptq) at w4a4kv4; `--methods ARHQ`:
-bf16 and the six NVFP4 rows below; `--methods HH`: bf16, and at W4A8 and W4A4 (KV cache in bf16)
+bf16, the six NVFP4 rows below and svdquant-r128-int8; `--methods HH`: bf16, and at W4A8 and W4A4 (KV cache in bf16)
 QuaRot RTN, QuaRot GPTQ and Householder):
   bf16                  the unquantized baseline
   lowbit-hqq-w4g64      lowbit.HqqConfig(bits=4, group_size=64), quantized on load
@@ -26,6 +26,7 @@ QuaRot RTN, QuaRot GPTQ and Householder):
   nvfp4-r0[-sq]         lowbit.ArhqConfig(rank=0): plain NVFP4 W4A4 [with smoothing, alpha --smoothing]
   svdquant-r128[-sq]    lowbit.ArhqConfig(rank=128, decomposition="svdquant") [with smoothing]
   arhq-r128[-sq]        lowbit.ArhqConfig(rank=128) [with smoothing] (calibration as for GPTQ)
+  ...-int8              any of the three on the int8 runtime (int8_runtime=True), e.g. svdquant-r128-int8
   hh-w4a8               lowbit.HouseholderConfig(bits=4, act_bits=8, group_size=--quarot-group), --hh-steps
                         Adam steps per layer on --hh-nsamples x --hh-seqlen calibration tokens
   hh-w4a8-gptq          the same, GPTQ onto the learned grid (weight_quantizer="gptq")
@@ -60,7 +61,8 @@ QUAROT_METHODS = (["bf16"] + [f"{m}-{p}-{q}" for p in ("w4a4kv4", "w4a8kv4", "w4
                   + ["quarot-w4a4kv4-rtn-pca", "quarot-w4a4kv4-gptq-pca"])
 HH_METHODS = ["bf16"] + [f"quarot-{b}-{q}" for b in ("w4a8kv16", "w4a4kv16") for q in ("rtn", "gptq")] + \
     [f"hh-{b}{q}" for b in ("w4a8", "w4a4") for q in ("", "-gptq")]
-ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "arhq-r128") for sq in ("", "-sq")]
+ARHQ_METHODS = ["bf16"] + [f"{m}{sq}" for m in ("nvfp4-r0", "svdquant-r128", "arhq-r128") for sq in ("", "-sq")] + \
+    ["svdquant-r128-int8"]
 
 
 def parse_method(spec: str, smoothing: float = 0.5):
@@ -85,11 +87,14 @@ def parse_method(spec: str, smoothing: float = 0.5):
     parts = spec.split("-")
     if parts[0] in ("nvfp4", "svdquant", "arhq"):
         rank = parts[1][1:] if len(parts) > 1 and parts[1].startswith("r") else ""
-        if not rank.isdigit() or parts[2:] not in ([], ["sq"]) or (parts[0] == "nvfp4") != (rank == "0"):
-            raise ValueError(f"--methods: unknown NVFP4 method {spec!r}; use nvfp4-r0[-sq], svdquant-rN[-sq] or "
-                             f"arhq-rN[-sq]")
+        options = parts[2:]
+        if (not rank.isdigit() or options not in ([], ["sq"], ["int8"], ["sq", "int8"])
+                or (parts[0] == "nvfp4") != (rank == "0")):
+            raise ValueError(f"--methods: unknown NVFP4 method {spec!r}; use nvfp4-r0[-sq][-int8], "
+                             f"svdquant-rN[-sq][-int8] or arhq-rN[-sq][-int8]")
         return parts[0], 4, 16, {"rank": int(rank), "decomposition": "arhq" if parts[0] == "arhq" else "svdquant",
-                                 "smoothing": smoothing if parts[2:] else None}
+                                 "smoothing": smoothing if "sq" in options else None,
+                                 "int8_runtime": "int8" in options}
     if parts[0] == "hh":
         m = re.fullmatch(r"w(\d+)a(\d+)", parts[1]) if len(parts) > 1 else None
         if not m or parts[2:] not in ([], ["gptq"]):
@@ -109,8 +114,8 @@ def parse_method(spec: str, smoothing: float = 0.5):
     name, _, wg = spec.rpartition("-")
     if name not in ("lowbit-hqq", "hqq", "rtn") or not wg.startswith("w") or "g" not in wg:
         raise ValueError(f"--methods: unknown method {spec!r}; use bf16, lowbit-hqq-wBgG, hqq-wBgG, rtn-wBgG, "
-                         f"quarot-PRESET-rtn|gptq[-pca], norot-PRESET-rtn|gptq, nvfp4-r0[-sq], svdquant-rN[-sq], "
-                         f"arhq-rN[-sq], hh-wWaA[-gptq] or NAME:field=value,... (NAME a lowbit method)")
+                         f"quarot-PRESET-rtn|gptq[-pca], norot-PRESET-rtn|gptq, nvfp4-r0[-sq][-int8], "
+                         f"svdquant-rN[-sq][-int8], arhq-rN[-sq][-int8], hh-wWaA[-gptq] or NAME:field=value,... (NAME a lowbit method)")
     bits, group = wg[1:].split("g")
     return name, int(bits), int(group), None
 
@@ -364,7 +369,7 @@ def write_report(results: dict, out: Path) -> None:
 # which rows the README summary shows, per set, when they were measured on the benchmark models
 SUMMARY = {"hqq": ["lowbit-hqq-w4g64", "lowbit-hqq-w3g64", "hqq-w4g64", "rtn-w4g64"],
            "quarot": ["quarot-w4a8kv8-rtn", "quarot-w4a8kv8-gptq", "quarot-w4a4kv4-gptq"],
-           "arhq": ["arhq-r128", "svdquant-r128", "nvfp4-r0"],
+           "arhq": ["arhq-r128", "svdquant-r128", "svdquant-r128-int8", "nvfp4-r0"],
            "householder": ["hh-w4a8-gptq", "hh-w4a4-gptq"]}
 BENCHMARK_MODELS = ("smollm2-135m-perm", "qwen2.5-0.5b-perm")
 

@@ -225,6 +225,10 @@ def test_the_benchmark_runs_any_declared_method_by_name():
     bench = _benchmark()
     assert bench.parse_method("hqq:bits=3,group_size=128") == ("hqq", 3, 128, {"bits": 3, "group_size": 128})
     assert bench.parse_method("quarot:rotation_method=pca")[3] == {"rotation_method": "pca"}
+    assert bench.parse_method("svdquant-r128-sq-int8", smoothing=0.3) == (
+        "svdquant", 4, 16, {"rank": 128, "decomposition": "svdquant", "smoothing": 0.3, "int8_runtime": True})
+    with pytest.raises(ValueError, match="unknown NVFP4 method 'svdquant-r128-int8-sq'"):
+        bench.parse_method("svdquant-r128-int8-sq")
     with pytest.raises(ValueError, match="unknown lowbit method 'nope'"):
         bench.parse_method("nope:bits=4")
     with pytest.raises(ValueError, match="expected field=value, got 'bits'"):
