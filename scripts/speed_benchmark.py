@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("LOWBIT_MODELS", Path.home() / ".cache" / "lowbit-models"))
 CALIBRATION = ROOT.parent / "shared" / "data" / "wikitext-2-tokens" / "valid.txt"
 DOC = ROOT / "docs" / "speed.md"
+CHECKPOINTS = Path(tempfile.gettempdir()) / "lowbit-speed-checkpoints"
 MARK = ("<!-- results:speed:start -->", "<!-- results:speed:end -->")
 KV_METHODS = ("quarot-w4a8kv8", "quarot-w4a8kv4", "quarot-w4a4kv4")
 METHODS = ("bf16", "hqq-w4g64", "hqq-w4g64-head", *KV_METHODS, "hh-w4a8", "hh-w4a4", "svdquant-r128",
@@ -259,7 +260,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also measure compiled decode (static cache)")
     p.add_argument("--llama", action="store_true", help="also measure llama.cpp's own Q4_1 (decode)")
     p.add_argument("--calib", default=str(CALIBRATION), help="calibration text (Householder's PCA)")
-    p.add_argument("--checkpoints", default=str(Path(tempfile.gettempdir()) / "lowbit-speed-checkpoints"))
+    p.add_argument("--checkpoints", default=str(CHECKPOINTS))
     p.add_argument("--out", default=str(ROOT / "results" / "speed"),
                    help="the results folder; docs/speed.md is rewritten only from results/speed")
     p.add_argument("--report", action="store_true", help="only rewrite the docs table from OUT/results.json")
