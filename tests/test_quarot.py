@@ -9,7 +9,7 @@ from conftest import build_tiny, check_generation, cli_refuses, forward_logits, 
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit import hadamard, kvcache, quarot
+from lowbit import hadamard, kvcache, modules, quarot
 from lowbit import quantize as Q
 from lowbit.modules import ACT_CLIP, QuantLinear
 
@@ -340,7 +340,7 @@ def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
     together = forward_logits(model, ids)
 
     def alone(module, x):
-        return module._integer_product(x, module.int8_weight, module.int8_scale) + module.bias.to(x.dtype)
+        return modules._integer_product(module, x, module.int8_weight, module.int8_scale) + module.bias.to(x.dtype)
 
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -190,21 +190,15 @@ class QuantLinear(nn.Module):
         return (self.act_bits == other.act_bits and self.input_transform is None and other.input_transform is None
                 and (mine is None) == (theirs is None) and (mine is None or torch.equal(mine, theirs)))
 
-    def _integer_product(self, x, int8_weight, int8_scale):
-        """Q(x)·Wᵀ without the bias, in x's dtype, for this layer's int8 weight or several layers' stacked."""
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    FALLBACK = "the float reference"  # what `_float_product` computes where torch._int_mm refuses the shape
+
+    def _input_codes(self, x2):
         clip = ACT_CLIP[self.act_bits] if self.act_clip_ratio is None else self.act_clip_ratio
-        codes, scale = quantize_activations(x2, self.act_bits, clip)
-        if kernels.int8_mm_supported(x2.shape[0], self.in_features, int8_weight.shape[0], x.device):
-            y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
-        else:
-            if not self._warned_fallback:
-                logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing the float reference",
-                            self.extra_repr(), x2.shape[0], self.in_features, self.out_features, x.device)
-                self._warned_fallback = True
-            y = (codes.float() * scale) @ self.dequantize_weight(torch.float32).T
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return quantize_activations(x2, self.act_bits, clip)
+
+    def _float_product(self, codes, scale, int8_weight, int8_scale):
+        """The reference: the activation codes times this layer's group-wise weight, not its int8 copy."""
+        return (codes.float() * scale) @ self.dequantize_weight(torch.float32).T
 
     def _int4_cpu_forward(self, x):
         k = self.padded_in_features
@@ -233,6 +227,24 @@ class QuantLinear(nn.Module):
         return w
 
 
+def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor) -> torch.Tensor:
+    """An int8 layer's input codes (`module._input_codes`) times an int8 weight (its own or several layers'
+    stacked) in one `torch._int_mm`, in x's dtype; where `_int_mm` refuses the shape, `module._float_product`,
+    said once in the log."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    codes, scale = module._input_codes(x2)
+    if kernels.int8_mm_supported(x2.shape[0], module.in_features, int8_weight.shape[0], x.device):
+        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
+    else:
+        if not module._warned_fallback:
+            logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing %s", module.extra_repr(),
+                        x2.shape[0], module.in_features, int8_weight.shape[0], x.device, module.FALLBACK)
+            module._warned_fallback = True
+        y = module._float_product(codes, scale, int8_weight, int8_scale)
+    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
 def _int8_product(module, x: torch.Tensor) -> torch.Tensor:
     """An int8 layer's product (no bias): its columns of a `SharedInputProduct`, or its own."""
     shared = module.shared_input
@@ -240,7 +252,7 @@ def _int8_product(module, x: torch.Tensor) -> torch.Tensor:
         y = shared.output(module, x)
         if y is not None:
             return y
-    return module._integer_product(x, module.int8_weight, module.int8_scale)
+    return _integer_product(module, x, module.int8_weight, module.int8_scale)
 
 
 class SharedInputProduct:
@@ -293,7 +305,7 @@ class SharedInputProduct:
             if (rows * width > self.MAX_ELEMENTS or x.device != self.weight.device
                     or not kernels.int8_mm_supported(rows, member.in_features, width, x.device)):
                 return None
-            state = (x, version, member._integer_product(x, self.weight, self.scale), frozenset(self.columns))
+            state = (x, version, _integer_product(member, x, self.weight, self.scale), frozenset(self.columns))
         pending = state[3] - {member}
         self._state = (*state[:3], pending) if pending else None  # all served: let go of input and product
         start, stop = self.columns[member]
@@ -452,20 +464,14 @@ class Nvfp4Linear(nn.Module):
         """Whether `other` reads the same input into the same int8 codes (`SharedInputProduct`)."""
         return self.smooth_scale is None and other.smooth_scale is None
 
-    def _integer_product(self, x, int8_weight, int8_scale):
-        """The residual product of `use_int8_runtime`, in x's dtype, for this layer's weight or several stacked."""
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        codes, scale = nvfp4.int8_codes_per_token(x2)
-        if kernels.int8_mm_supported(x2.shape[0], self.in_features, int8_weight.shape[0], x.device):
-            y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
-        else:
-            if not self._warned_fallback:
-                logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing it in float32",
-                            self.extra_repr(), x2.shape[0], self.in_features, int8_weight.shape[0], x.device)
-                self._warned_fallback = True
-            y = (codes.float() @ int8_weight.float().T).mul_(scale).mul_(int8_scale)
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+    FALLBACK = "it in float32"  # what `_float_product` computes where torch._int_mm refuses the shape
+
+    def _input_codes(self, x2):
+        return nvfp4.int8_codes_per_token(x2)
+
+    def _float_product(self, codes, scale, int8_weight, int8_scale):
+        """The same product of int8 codes, computed in float32."""
+        return (codes.float() @ int8_weight.float().T).mul_(scale).mul_(int8_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
