@@ -66,6 +66,14 @@ def test_round_to_nearest_matches_brute_force():
     packed, scales, ts = F.quantize(x, torch.tensor(1.0))
     assert (scales.float() == 1.0).all()
     assert torch.equal(F.unpack(packed).long(), reference_codes(x))
+    # Every bfloat16 value in [-6, 6] (every exponent the step rule reads), 15 to a block beside a 6.0.
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    every = every[every.abs() <= 6.0]
+    every = torch.cat([every, every.new_zeros(-every.numel() % 15)]).reshape(-1, 15)
+    x = torch.cat([torch.full((every.shape[0], 1), 6.0), every], 1).reshape(1, -1)
+    packed, scales, ts = F.quantize(x, torch.tensor(1.0))
+    assert (scales.float() == 1.0).all()
+    assert codes_match(F.unpack(packed), reference_codes(x)).all()
     # Any scales: the codes are the nearest to x / (block scale · tensor scale), clamped to the grid.
     y = torch.randn(8, 4, 256) * torch.logspace(-3, 3, 8).reshape(8, 1, 1)
     packed, scales, ts = F.quantize(y)

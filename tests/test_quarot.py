@@ -326,8 +326,9 @@ def test_cached_decoding_matches_a_full_forward(tiny_llama_g32):
 
 @pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])
 def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
-    """q/k/v and gate/up quantize their input once and run one integer product: bit-identical to each layer
-    computing alone, recomputed when the input changes in place, and a member repacked on its own leaves."""
+    """q/k/v and gate/up quantize their input once and run one integer product (a long input: one
+    quantization, a product each): bit-identical to each layer computing alone, recomputed when the input
+    changes in place, and a member repacked on its own leaves."""
     cfg = lowbit.QuaRotConfig.from_preset(preset, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_g32, dtype=torch.bfloat16, quantization_config=cfg)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -348,9 +349,14 @@ def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
         x.mul_(2)  # the same tensor, changed: k must not take the product of the old values
         assert torch.equal(attn.k_proj(x), alone(attn.k_proj, x))
         assert torch.equal(attn.v_proj(x), alone(attn.v_proj, x))
+        # too large a product to share: the members share the input's codes, each runs its own product
         long = torch.randn(shared.MAX_ELEMENTS // shared.weight.shape[0] + 1, x.shape[-1], dtype=x.dtype)
-        assert shared.output(attn.q_proj, long) is None  # too large to share: each member computes alone
         assert torch.equal(attn.q_proj(long), alone(attn.q_proj, long))
+        codes = shared._state[2]
+        assert isinstance(codes, tuple) and codes[0].dtype == torch.int8 and codes[0].shape == long.shape
+        assert torch.equal(attn.k_proj(long), alone(attn.k_proj, long)) and shared._state[2] is codes
+        long.mul_(2)
+        assert torch.equal(attn.v_proj(long), alone(attn.v_proj, long)) and shared._state[2] is not codes
     for m in groups:
         m.shared_input = None
     assert torch.equal(forward_logits(model, ids), together)

@@ -227,13 +227,14 @@ class QuantLinear(nn.Module):
         return w
 
 
-def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor) -> torch.Tensor:
-    """An int8 layer's input codes (`module._input_codes`) times an int8 weight (its own or several layers'
-    stacked) in one `torch._int_mm`, in x's dtype; where `_int_mm` refuses the shape, `module._float_product`,
-    said once in the log."""
+def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor,
+                     codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """An int8 layer's input codes (`module._input_codes`, or `codes` already made from x) times an int8
+    weight (its own or several layers' stacked) in one `torch._int_mm`, in x's dtype; where `_int_mm`
+    refuses the shape, `module._float_product`, said once in the log."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    codes, scale = module._input_codes(x2)
+    codes, scale = codes or module._input_codes(x2)
     if kernels.int8_mm_supported(x2.shape[0], module.in_features, int8_weight.shape[0], x.device):
         y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
     else:
@@ -266,9 +267,10 @@ class SharedInputProduct:
     as it does when `_int_mm` does not take the shape. Each entry is exact, so results are bit-identical
     to the members' own products.
 
-    Sharing pays for a decode step's few rows, where each call's fixed cost dominates; a product larger
-    than MAX_ELEMENTS (e.g. a long prompt's gate/up) runs per member instead, whose float32 epilogues
-    stay in cache where the stacked one would not."""
+    Sharing the product pays for a decode step's few rows, where each call's fixed cost dominates; where
+    it would be larger than MAX_ELEMENTS (e.g. a long prompt's gate/up) the members share only the input's
+    codes and each runs its own product, whose float32 epilogue stays in cache where the stacked one
+    would not."""
 
     MAX_ELEMENTS = 1 << 20  # rows × stacked output features: 4 MB of float32
 
@@ -280,8 +282,8 @@ class SharedInputProduct:
         for m, (start, stop) in self.columns.items():
             m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
             m.shared_input = self
-        # (input, its version, product, members still to take their columns), replaced whole and never
-        # changed in place: threads running the model at once each read a consistent product (at worst
+        # (input, its version, product or (codes, scale), members still to be served), replaced whole and
+        # never changed in place: threads running the model at once each read a consistent state (at worst
         # one recomputes it)
         self._state = None
 
@@ -295,19 +297,26 @@ class SharedInputProduct:
                 and all(first.quantizes_input_like(m) for m in members[1:]))
 
     def output(self, member: "QuantLinear", x: torch.Tensor) -> torch.Tensor | None:
-        """`member`'s columns of the shared product (no bias), or None: the member computes on its own."""
+        """`member`'s product (no bias): its columns of the shared one, or its own from the shared codes;
+        None: the member computes on its own."""
         if member.int8_weight is None or member.int8_weight._base is not self.weight:
             return None
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         state = self._state
         if state is None or x is not state[0] or version != state[1] or member not in state[3]:
             rows, width = x.numel() // x.shape[-1], self.weight.shape[0]
-            if (rows * width > self.MAX_ELEMENTS or x.device != self.weight.device
-                    or not kernels.int8_mm_supported(rows, member.in_features, width, x.device)):
+            if x.device != self.weight.device or not kernels.int8_mm_supported(rows, member.in_features, width,
+                                                                                x.device):
                 return None
-            state = (x, version, _integer_product(member, x, self.weight, self.scale), frozenset(self.columns))
+            if rows * width > self.MAX_ELEMENTS:
+                shared = member._input_codes(x.reshape(-1, x.shape[-1]))
+            else:
+                shared = _integer_product(member, x, self.weight, self.scale)
+            state = (x, version, shared, frozenset(self.columns))
         pending = state[3] - {member}
         self._state = (*state[:3], pending) if pending else None  # all served: let go of input and product
+        if isinstance(state[2], tuple):
+            return _integer_product(member, x, member.int8_weight, member.int8_scale, codes=state[2])
         start, stop = self.columns[member]
         return state[2][..., start:stop]
 

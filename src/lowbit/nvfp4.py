@@ -26,13 +26,14 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packing.unpack(packed, 4)
 
 
-def _e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
-    """The nearest E2M1 values to `scaled` (float), ties to the even code; beyond ±6 saturates. The
-    grid steps by 0.5 below 2 (codes 0-4), by 1 up to 4 (codes 4-6), then 6 (code 7): torch.round,
-    which rounds half to even, gives the even code on each of the first two stretches."""
-    a = scaled.abs()
-    v = torch.where(a < 2, (2 * a).round_().mul_(0.5), torch.where(a < 4, a.round(), torch.where(a > 5, 6.0, 4.0)))
-    return torch.where(scaled < 0, -v, v)  # -0.0 for the negatives that round to zero, as the sign bit
+def _e2m1_round_(scaled: torch.Tensor) -> torch.Tensor:
+    """The nearest E2M1 values to float32 `scaled`, ties to the even code, beyond ±6 saturated; `scaled` is
+    overwritten. The grid steps by 0.5 below 2, by 1 up to 4, then by 2: the step is half the value's
+    power of two (its exponent bits), at least 0.5, and torch.round's half-to-even lands on the even code
+    on every stretch. A handful of in-place passes: an eager call on a prefill's activations pays per pass."""
+    a = scaled.abs().clamp_(max=E2M1_MAX)
+    step = (a.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_(min=1.0).mul_(0.5)
+    return a.div_(step).round_().mul_(step).copysign_(scaled)  # -0.0 for negatives that round to 0: the sign bit
 
 
 def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:
@@ -46,16 +47,23 @@ def _check_width(k: int) -> None:
         raise ValueError(f"NVFP4 needs the last dimension to be a multiple of {BLOCK_SIZE}, got {k}")
 
 
-def _rounded_blocks(x: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E2M1 values [..., K//16, 16], block scales [..., K//16]) of float32 x under tensor scale(s) `ts`
-    (> 0, broadcast against the blocks: [] or [..., 1])."""
+def _blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x [..., K] as blocks [..., K//16, 16] and each block's largest magnitude [..., K//16]."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    block_scales = (blocks.abs().amax(-1) / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    lo, hi = torch.aminmax(blocks, dim=-1)  # one pass, no |x| copy
+    return blocks, torch.maximum(hi, lo.neg_()).abs_()  # abs_: an all-zero block's amax is +0
+
+
+def _rounded_blocks(blocks: torch.Tensor, block_amax: torch.Tensor, ts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1 values [..., K//16, 16], block scales [..., K//16]) of float32 blocks under tensor scale(s)
+    `ts` (> 0, broadcast against `block_amax`: [] or [..., 1])."""
+    block_scales = (block_amax / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     divisor = (block_scales.float() * ts).unsqueeze(-1)
-    nonzero = divisor > 0  # a block scale that is (or rounds to) 0 leaves its block at 0
-    # Past ±6 where E4M3 rounded the scale down: `_e2m1_round` saturates.
-    scaled = torch.where(nonzero, blocks / torch.where(nonzero, divisor, 1.0), 0.0)
-    return _e2m1_round(scaled), block_scales
+    # A block scale that is (or rounds to) 0 leaves its block at 0 (x / inf); adding 0 makes those zeros, and
+    # -0.0 inputs, +0 (code 0). Past ±6, where E4M3 rounded the scale down, `_e2m1_round_` saturates.
+    scaled = (blocks / torch.where(divisor > 0, divisor, torch.inf)).add_(0.0)
+    return _e2m1_round_(scaled), block_scales
 
 
 def _default_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -67,13 +75,13 @@ def quantize(x: torch.Tensor, tensor_scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] -> (packed codes uint8 [..., K//2], block scales float8_e4m3fn [..., K//16], tensor scale)."""
     _check_width(x.shape[-1])
-    x = x.float()
+    blocks, block_amax = _blocks(x.float())
     if tensor_scale is None:
-        ts = _default_tensor_scale(x.abs().amax() if x.numel() else torch.tensor(0.0))
+        ts = _default_tensor_scale(block_amax.amax() if x.numel() else torch.tensor(0.0))
     else:
         ts = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device).reshape(())
         ts = torch.where(ts > 0, ts, torch.ones_like(ts))
-    values, block_scales = _rounded_blocks(x, ts)
+    values, block_scales = _rounded_blocks(blocks, block_amax, ts)
     return pack(_e2m1_codes(values).reshape(x.shape)), block_scales, ts
 
 
@@ -105,10 +113,10 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] rounded through NVFP4 with one tensor scale per row (token): simulated NVFP4
     activations whose rounding never depends on the other tokens of the batch."""
     _check_width(x.shape[-1])
-    xf = x.float()
-    ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
-    values, block_scales = _rounded_blocks(xf, ts)
-    return (values * block_scales.float().unsqueeze(-1) * ts.unsqueeze(-1)).reshape(x.shape).to(x.dtype)
+    blocks, block_amax = _blocks(x.float())
+    ts = _default_tensor_scale(block_amax.amax(-1, keepdim=True))
+    values, block_scales = _rounded_blocks(blocks, block_amax, ts)
+    return values.mul_(block_scales.float().unsqueeze(-1)).mul_(ts.unsqueeze(-1)).reshape(x.shape).to(x.dtype)
 
 
 INT8_PER_E2M1_UNIT = 127 / (E2M1_MAX * E4M3_MAX)  # int8 steps per e2m1 · block scale unit
@@ -120,9 +128,9 @@ def int8_codes_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     `torch._int_mm`. The per-token tensor scale puts max|x| at 6 · 448 units, where it stays after NVFP4
     rounding, so the codes span [-127, 127] and no other maximum is needed."""
     _check_width(x.shape[-1])
-    xf = x.float()
-    ts = _default_tensor_scale(xf.abs().amax(-1, keepdim=True))
-    values, block_scales = _rounded_blocks(xf, ts)
+    blocks, block_amax = _blocks(x.float())
+    ts = _default_tensor_scale(block_amax.amax(-1, keepdim=True))
+    values, block_scales = _rounded_blocks(blocks, block_amax, ts)
     # reshaped before the cast: inductor (torch 2.13) multiplies a reshaped int8 [M, K/16, 16] wrongly in _int_mm
-    units = (values * block_scales.float().unsqueeze(-1)).reshape(x.shape)
+    units = values.mul_(block_scales.float().unsqueeze(-1)).reshape(x.shape)
     return units.mul_(INT8_PER_E2M1_UNIT).round_().to(torch.int8), ts / INT8_PER_E2M1_UNIT
