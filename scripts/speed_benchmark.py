@@ -180,6 +180,16 @@ def _machine(threads: int) -> str:
     return f"{names[0] if names else 'unknown CPU'}, {threads} threads"
 
 
+def _commit(package: Path) -> str:
+    """' at commit X' (with '+changes' for uncommitted ones) when lowbit runs from a git checkout."""
+    git = ["git", "-C", str(package)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return f" from {package}"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True).stdout.strip()
+    return f" at commit {head.stdout.strip()}{'+changes' if dirty else ''}"
+
+
 def _ratio(cell, bf16, key):
     if not cell or not bf16 or key not in cell or key not in bf16:
         return "–"
@@ -285,8 +295,8 @@ def main():
     import transformers
 
     label = results["labels"].setdefault(args.label, {})
-    label["_meta"] = (f"{datetime.date.today().isoformat()}, {_machine(args.threads)}, lowbit {lowbit.__version__} "
-                      f"from {Path(lowbit.__file__).parent}, torch {torch.__version__}, transformers "
+    label["_meta"] = (f"{datetime.date.today().isoformat()}, {_machine(args.threads)}, lowbit {lowbit.__version__}"
+                      f"{_commit(Path(lowbit.__file__).parent)}, torch {torch.__version__}, transformers "
                       f"{transformers.__version__}")
     passthrough = ["--threads", str(args.threads), "--prefill", str(args.prefill), "--repeats", str(args.repeats),
                    "--calib", args.calib, "--checkpoints", args.checkpoints, "--contexts", *map(str, args.contexts)]
