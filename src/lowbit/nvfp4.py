@@ -26,11 +26,11 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packing.unpack(packed, 4)
 
 
-def _e2m1_round_(scaled: torch.Tensor) -> torch.Tensor:
-    """The nearest E2M1 values to float32 `scaled`, ties to the even code, beyond ±6 saturated; `scaled` is
-    overwritten. The grid steps by 0.5 below 2, by 1 up to 4, then by 2: the step is half the value's
+def _e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
+    """The nearest E2M1 values to float32 `scaled` (a new tensor), ties to the even code, beyond ±6
+    saturated. The grid steps by 0.5 below 2, by 1 up to 4, then by 2: the step is half the value's
     power of two (its exponent bits), at least 0.5, and torch.round's half-to-even lands on the even code
-    on every stretch. A handful of in-place passes: an eager call on a prefill's activations pays per pass."""
+    on every stretch. One copy, then in-place passes: an eager call on a prefill's activations pays per pass."""
     a = scaled.abs().clamp_(max=E2M1_MAX)
     step = (a.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_(min=1.0).mul_(0.5)
     return a.div_(step).round_().mul_(step).copysign_(scaled)  # -0.0 for negatives that round to 0: the sign bit
@@ -61,9 +61,9 @@ def _rounded_blocks(blocks: torch.Tensor, block_amax: torch.Tensor, ts: torch.Te
     block_scales = (block_amax / E2M1_MAX / ts).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     divisor = (block_scales.float() * ts).unsqueeze(-1)
     # A block scale that is (or rounds to) 0 leaves its block at 0 (x / inf); adding 0 makes those zeros, and
-    # -0.0 inputs, +0 (code 0). Past ±6, where E4M3 rounded the scale down, `_e2m1_round_` saturates.
+    # -0.0 inputs, +0 (code 0). Past ±6, where E4M3 rounded the scale down, `_e2m1_round` saturates.
     scaled = (blocks / torch.where(divisor > 0, divisor, torch.inf)).add_(0.0)
-    return _e2m1_round_(scaled), block_scales
+    return _e2m1_round(scaled), block_scales
 
 
 def _default_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
