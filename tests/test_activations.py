@@ -72,3 +72,37 @@ def test_integer_path_against_fake_quant_reference(w_bits, a_bits, group, m):
     assert torch.allclose(y_int, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
     bound = x_ref.abs() @ (w_scale[:, None].double() / 2).expand(n, k).T
     assert ((y_int - x_ref @ w_ref.T).abs() <= bound * (1 + 1e-4) + 1e-6).all()
+
+
+@pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
+@pytest.mark.parametrize("m,n,k", [(1, 512, 256), (3, 640, 96), (600, 512, 448)])
+def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k):
+    """The prepacked oneDNN weight: bit-identical products to `torch._int_mm` on the plain weight (sums large
+    enough that their float32 conversion rounds), and it unpacks to the same int8 weight."""
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(n, generator=g) + 0.5
+    packed = kernels.pack_int8_weight(w8)
+    assert packed.is_mkldnn and torch.equal(kernels.unpack_int8_weight(packed), w8)
+    codes = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(m, 1, generator=g) + 0.5
+    plain = kernels.int8_linear(codes, scale, w8, w_scale)
+    assert torch.equal(kernels.int8_linear(codes, scale, packed, w_scale, packed=True), plain)
+    assert torch.equal(plain, (codes.double() @ w8.double().T).float().mul_(scale).mul_(w_scale))
+    assert not kernels.pack_int8_weight(w8[:kernels.ONEDNN_MIN_OUT_FEATURES - 1]).is_mkldnn  # narrow: plain
+
+
+@pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
+def test_a_packed_layer_moves_and_changes_dtype(monkeypatch):
+    """`.to()` on a layer holding oneDNN's opaque weight: unpacked, moved, packed again; the same outputs."""
+    from lowbit.modules import QuantLinear
+
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT_FEATURES", 0)
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32, solver="rtn", act_bits=8)
+    assert q.int8_packed and q.int8_weight.is_mkldnn
+    x = torch.randn(3, 64)
+    y = q(x)
+    q.to(torch.bfloat16).to("cpu")
+    assert q.int8_packed and q.int8_weight.is_mkldnn and q.scale_offset.dtype == torch.bfloat16
+    assert torch.allclose(q(x.bfloat16()).float(), y, rtol=0.02, atol=0.02)

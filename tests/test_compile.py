@@ -9,11 +9,13 @@ from transformers import AutoModelForCausalLM
 from transformers.generation import CompileConfig
 
 import lowbit
+from lowbit import kernels
 from lowbit.modules import QuantLinear
 
 CONFIGS = {
     "hqq": lambda: lowbit.HqqConfig(bits=4, group_size=32),
     "quarot-w4a8kv4": lambda: lowbit.QuaRotConfig.from_preset("w4a8kv4", group_size=32),
+    "quarot-w4a8kv4-int-mm": lambda: lowbit.QuaRotConfig.from_preset("w4a8kv4", group_size=32),
     "quarot-w4a4kv8": lambda: lowbit.QuaRotConfig(bits=4, act_bits=4, kv_bits=8, group_size=32),
     "householder": lambda: lowbit.HouseholderConfig(act_bits=8, group_size=32, weight_quantizer="rtn", steps=2,
                                                     nsamples=2, cali_bsz=1, seqlen=32, calibration=CALIBRATION_TEXTS),
@@ -33,11 +35,17 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_compiled_decode_generates_what_eager_does(tiny, method):
+def test_compiled_decode_generates_what_eager_does(tiny, method, monkeypatch):
     """Whole-graph compile (a graph break anywhere in the step fails it). Compiled kernels reduce in
     another order, so a 4-bit activation grid (W4A4, NVFP4) can round a near-tie the other way: there the
     logits of every step whose prefix both runs share are compared; elsewhere the tokens must be the same.
-    The reference is eager decode with the same static cache."""
+    The reference is eager decode with the same static cache. Int8 layers run on oneDNN's prepacked
+    weights where torch has them (every layer of the tiny model, however narrow), "-int-mm" on
+    `torch._int_mm`."""
+    if method.endswith("-int-mm"):
+        monkeypatch.setattr(kernels, "pack_int8_weight", lambda weight: weight)
+    else:
+        monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT_FEATURES", 0)
     torch._dynamo.reset()
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16, quantization_config=CONFIGS[method]())
     ids = torch.randint(3, 80, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -62,7 +70,6 @@ def test_compiled_decode_generates_what_eager_does(tiny, method):
 
 
 def test_integer_path_falls_back_to_the_reference_where_int_mm_refuses(monkeypatch, caplog):
-    from lowbit import kernels
     from lowbit import quantize as Q
 
     torch.manual_seed(0)

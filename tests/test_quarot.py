@@ -9,7 +9,7 @@ from conftest import build_tiny, check_generation, cli_refuses, forward_logits, 
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit import hadamard, kvcache, modules, quarot
+from lowbit import hadamard, kernels, kvcache, modules, quarot
 from lowbit import quantize as Q
 from lowbit.modules import ACT_CLIP, QuantLinear
 
@@ -88,7 +88,7 @@ def test_quant_linear_integer_path_equals_fake_quant_reference(bits, transform):
     assert q.layout == "int8_channel"
     x = torch.randn(3, 5, 352)
     xt = hadamard.hadamard_transform(x) if transform else x
-    w8 = q.int8_weight.double() * q.int8_scale[:, None].double()  # the weight re-rounded per channel
+    w8 = kernels.unpack_int8_weight(q.int8_weight).double() * q.int8_scale[:, None].double()  # re-rounded per channel
     assert ((w8 - q.dequantize_weight(torch.float64)).abs() <= q.int8_scale[:, None] / 2 + 1e-9).all()
     ref = Q.fake_quantize_activations(xt, bits, ACT_CLIP[bits]).double() @ w8.T + linear.bias.double()
     y = q(x).double()
@@ -324,18 +324,29 @@ def test_cached_decoding_matches_a_full_forward(tiny_llama_g32):
     assert torch.allclose(stepwise, full, atol=1e-3 * full.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", ["onednn", "plain"])
 @pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])
-def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
-    """q/k/v and gate/up quantize their input once and run one integer product (a long input: one
-    quantization, a product each): bit-identical to each layer computing alone, recomputed when the input
-    changes in place, and a member repacked on its own leaves."""
+def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset, layout, monkeypatch):
+    """q/k/v and gate/up quantize their input once: bit-identical to each layer computing alone, recomputed
+    when the input changes in place. Plain int8 weights (`torch._int_mm`) are stacked into one product (a
+    long input: one quantization, a product each) and a member repacked on its own leaves; oneDNN-packed
+    ones keep their own weights and share the codes."""
+    if layout == "plain":
+        monkeypatch.setattr(kernels, "pack_int8_weight", lambda weight: weight)
+    elif not kernels.onednn_int8_available():
+        pytest.skip("this torch build has no oneDNN int8 GEMM")
+    else:
+        monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT_FEATURES", 0)  # the tiny model's layers are all narrow
     cfg = lowbit.QuaRotConfig.from_preset(preset, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_g32, dtype=torch.bfloat16, quantization_config=cfg)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     shared = attn.q_proj.shared_input
     assert shared is not None and shared is attn.k_proj.shared_input is attn.v_proj.shared_input
     assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input is not None and attn.o_proj.shared_input is None
-    assert attn.k_proj.int8_weight._base is shared.weight  # a view: no second copy of the weights
+    if layout == "plain":
+        assert attn.k_proj.int8_weight._base is shared.weight  # a view: no second copy of the weights
+    else:
+        assert attn.k_proj.int8_weight.is_mkldnn and shared.weight is None
     groups = {m: m.shared_input for m in model.modules() if getattr(m, "shared_input", None) is not None}
     ids = random_ids(model.config.vocab_size, (2, 12))
     together = forward_logits(model, ids)
@@ -344,13 +355,15 @@ def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
         return modules._integer_product(module, x, module.int8_weight, module.int8_scale) + module.bias.to(x.dtype)
 
     x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16)
+    width = sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
     with torch.no_grad():
         assert torch.equal(attn.q_proj(x), alone(attn.q_proj, x))
+        assert isinstance(shared._state[2], tuple) == (layout == "onednn")  # the codes, or the stacked product
         x.mul_(2)  # the same tensor, changed: k must not take the product of the old values
         assert torch.equal(attn.k_proj(x), alone(attn.k_proj, x))
         assert torch.equal(attn.v_proj(x), alone(attn.v_proj, x))
         # too large a product to share: the members share the input's codes, each runs its own product
-        long = torch.randn(shared.MAX_ELEMENTS // shared.weight.shape[0] + 1, x.shape[-1], dtype=x.dtype)
+        long = torch.randn(shared.MAX_ELEMENTS // width + 1, x.shape[-1], dtype=x.dtype)
         assert torch.equal(attn.q_proj(long), alone(attn.q_proj, long))
         codes = shared._state[2]
         assert isinstance(codes, tuple) and codes[0].dtype == torch.int8 and codes[0].shape == long.shape
@@ -362,10 +375,11 @@ def test_layers_reading_one_input_share_one_product(tiny_qwen2_g32, preset):
     assert torch.equal(forward_logits(model, ids), together)
     for m, group in groups.items():
         m.shared_input = group
-    attn.k_proj._to_packed_layout()
-    attn.k_proj.prepare_runtime()  # its own int8 weight again: it computes alone, q and v still share
-    assert attn.k_proj.int8_weight._base is None
-    assert torch.equal(forward_logits(model, ids), together)
+    if layout == "plain":
+        attn.k_proj._to_packed_layout()
+        attn.k_proj.prepare_runtime()  # its own int8 weight again: it computes alone, q and v still share
+        assert attn.k_proj.int8_weight._base is None
+        assert torch.equal(forward_logits(model, ids), together)
 
 
 @pytest.mark.parametrize("preset", ["w4a8kv8", "w4a4kv4"])

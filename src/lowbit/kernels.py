@@ -1,9 +1,18 @@
-"""torch's CPU int4 kernel: `_weight_int4pack_mm_for_cpu` and its weight layout.
+"""The integer kernels torch has, and the weight layouts they take.
+
+int4 (weight-only layers): torch's CPU kernel `_weight_int4pack_mm_for_cpu` and its weight layout.
 
 The kernel computes `x @ ((q - 8) * scale + offset).T` per group of input channels, with `q` in a
 blocked nibble layout made by `_convert_weight_to_int4pack_for_cpu`. lowbit's stored format
 (`scale_offset` [groups, out, 2], w = (q - 2**(bits-1)) * scale + offset) is chosen so the kernel
 takes it as is; 2- and 3-bit codes are shifted by 8 - 2**(bits-1) to share the kernel.
+
+int8 (layers with quantized activations): int8 codes times an int8 weight with one scale per output
+channel (`int8_channel_weight`). On CPU the weight is held prepacked for oneDNN's int8 GEMM (what
+torch's x86 quantization runs; on a long prompt several times faster than `torch._int_mm`, which
+re-lays out the weight at every call); elsewhere, where torch has no oneDNN, and for narrow layers
+(ONEDNN_MIN_OUT_FEATURES), as a plain [N, K] tensor for `torch._int_mm`. Both give the same exact int32
+dot products.
 """
 import functools
 
@@ -78,15 +87,79 @@ def int8_channel_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def int8_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
-    """Shapes `torch._int_mm` takes: any on CPU; on CUDA more than 16 rows and K, N multiples of 8."""
+    """Shapes the int8 product takes: any on CPU; on CUDA (`torch._int_mm`) more than 16 rows and K, N
+    multiples of 8."""
     if device.type == "cpu":
         return True
     return device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0
 
 
-def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor,
-                w_scale: torch.Tensor) -> torch.Tensor:
-    """Q(x) @ Wᵀ for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
-    `int8_channel_weight` [N, K]: exact int32 dot products from one `torch._int_mm`, scaled in float32 (the
-    first multiply converts them, as `.float()` would, without a float32 copy of its own)."""
+@functools.lru_cache(maxsize=None)
+def onednn_int8_available() -> bool:
+    """Whether this torch build runs oneDNN's int8 GEMM (x86 builds do), checked once on a small exact case."""
+    try:
+        w = torch.arange(-48, 48, dtype=torch.int8).view(6, 16)
+        x = torch.arange(-32, 32, dtype=torch.int8).view(4, 16)
+        y = _onednn_int8_mm(x, torch.ops.onednn.qlinear_prepack(w, None), 6)
+        return torch.equal(y, x.float() @ w.float().T)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+# oneDNN's int8 GEMM takes a slow path (milliseconds, not microseconds) when a call has at most 256
+# outputs (rows × N), i.e. a decode step of a layer 256 wide or less (GQA k/v projections); such layers
+# keep the plain layout, on which `torch._int_mm` is fast at any size that narrow
+ONEDNN_MIN_OUT_FEATURES = 512
+
+
+def pack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [N, K] in the layout its device's int8 product takes: on CPU with oneDNN, an opaque
+    prepacked tensor (the same bytes); otherwise the weight itself."""
+    if (weight.device.type != "cpu" or weight.shape[0] < ONEDNN_MIN_OUT_FEATURES
+            or not onednn_int8_available()):
+        return weight
+    return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+
+
+def unpack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The plain int8 [N, K] of a weight `pack_int8_weight` made (a copy if it was packed)."""
+    return weight.to_dense().t() if weight.is_mkldnn else weight
+
+
+_UNIT_SCALES = {}  # out_features -> (float32 ones, int64 zeros): the weight's scales and zero points given to
+# oneDNN, a plain dict for compile
+
+
+def _onednn_int8_mm(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """codes @ Wᵀ as float32 (the int32 sums converted, as `.float()` does)."""
+    if out_features not in _UNIT_SCALES:
+        _UNIT_SCALES[out_features] = (torch.ones(out_features), torch.zeros(out_features, dtype=torch.int64))
+    ones, zeros = _UNIT_SCALES[out_features]
+    return torch.ops.onednn.qlinear_pointwise.default(codes, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                                      "none", [], "")
+
+
+@torch.library.custom_op("lowbit::onednn_int8_mm", mutates_args=())
+def _onednn_int8_mm_op(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The oneDNN product as one opaque op for torch.compile: inductor lowers oneDNN's own op only for
+    weights it froze itself, and would not take a module's prepacked weight."""
+    return _onednn_int8_mm(codes, packed, out_features)
+
+
+@_onednn_int8_mm_op.register_fake
+def _(codes, packed, out_features):
+    return codes.new_empty(codes.shape[0], out_features, dtype=torch.float32)
+
+
+def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                packed: bool = False) -> torch.Tensor:
+    """Q(x) @ Wᵀ in float32 for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
+    `int8_channel_weight` [N, K] (`packed`: as `pack_int8_weight` laid it out for oneDNN; said by the
+    caller, since torch.compile's stand-in for an opaque tensor does not say so): exact int32 dot products
+    times the two scales, in that order (the same float32 result from either kernel). After
+    `torch._int_mm` the first multiply converts the int32 products, as `.float()` would, without a float32
+    copy of its own; oneDNN returns them converted."""
+    if packed:
+        mm = _onednn_int8_mm_op if torch.compiler.is_compiling() else _onednn_int8_mm
+        return mm(x_codes, w_int8, w_scale.shape[0]).mul_(x_scale).mul_(w_scale)
     return torch.mul(torch._int_mm(x_codes, w_int8.t()), x_scale).mul_(w_scale)

@@ -17,12 +17,12 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 - `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
   instead of ACT_CLIP[act_bits] (Householder checkpoints saved when it learned that ratio still hold one);
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped as ACT_CLIP[act_bits] says)
-  and the product is one `torch._int_mm` (`kernels.int8_linear`) with the weight re-rounded at load onto
-  a per-channel int8 grid (`kernels.int8_channel_weight`, runtime buffers beside the packed codes, which
-  stay for saving): layout "int8_channel". Where `_int_mm` does not take the shape (CUDA below 17
-  tokens), the layer computes the float reference instead, fake-quantized input times the dequantized
-  weight, and says so once in the log. Such layers that read the same input (q/k/v, gate/up) can share
-  one quantization of it and one product (`SharedInputProduct`).
+  and the product is one int8 GEMM (`kernels.int8_linear`: oneDNN's on CPU, `torch._int_mm` elsewhere)
+  with the weight re-rounded at load onto a per-channel int8 grid (`kernels.int8_channel_weight`, runtime
+  buffers beside the packed codes, which stay for saving): layout "int8_channel". Where the product does
+  not take the shape (CUDA below 17 tokens), the layer computes the float reference instead,
+  fake-quantized input times the dequantized weight, and says so once in the log. Such layers that read
+  the same input (q/k/v, gate/up) share one quantization of it (`SharedInputProduct`).
 """
 import itertools
 import logging
@@ -85,6 +85,7 @@ class QuantLinear(nn.Module):
         # "int8_channel": the weight as int8 [out, in] and its float32 scale per output channel (runtime only)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scale", None, persistent=False)
+        self.int8_packed = False  # int8_weight is oneDNN's opaque prepacked tensor (see `kernels`)
         self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
         self._warned_fallback = False
 
@@ -128,7 +129,8 @@ class QuantLinear(nn.Module):
         """Repack for the kernel this layer runs on: one integer matmul when its activations are quantized,
         else torch's CPU int4 kernel when the layer lives on CPU and the kernel fits."""
         if self.layout == "packed" and self.act_bits < 16:
-            self.int8_weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_weight(torch.float32))
+            weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_weight(torch.float32))
+            _set_int8_weight(self, weight)
             self.layout = "int8_channel"
             return self
         if self.layout != "packed" or self.qweight.device.type != "cpu":
@@ -162,6 +164,10 @@ class QuantLinear(nn.Module):
         self.qweight = packing.pack(codes.to(self.qweight.device), self.bits)
         self.layout = "packed"
         self.nibble_scale_offsets = self.int8_weight = self.int8_scale = None
+        self.int8_packed = False
+
+    def _apply(self, fn, recurse=True):
+        return _apply_to_packed(self, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
@@ -227,6 +233,25 @@ class QuantLinear(nn.Module):
         return w
 
 
+def _apply_to_packed(module, apply, fn, recurse):
+    """`nn.Module._apply` (`.to()`, `.cpu()`, ...) for a layer whose int8 weight may be oneDNN-packed, an
+    opaque tensor that cannot move: unpacked first, packed again for wherever it lands."""
+    packed = module.int8_packed
+    if packed:
+        module.int8_weight = kernels.unpack_int8_weight(module.int8_weight).contiguous()
+    result = apply(fn, recurse)
+    if packed:
+        _set_int8_weight(module, module.int8_weight)
+    return result
+
+
+def _set_int8_weight(module, weight: torch.Tensor) -> None:
+    """The int8 weight [N, K] in its device's layout (`kernels.pack_int8_weight`), and whether that is
+    oneDNN's: a plain attribute, which torch.compile reads as a constant."""
+    module.int8_weight = kernels.pack_int8_weight(weight)
+    module.int8_packed = module.int8_weight.is_mkldnn
+
+
 def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor,
                      codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """An int8 layer's input codes (`module._input_codes`, or `codes` already made from x) times an int8
@@ -235,12 +260,14 @@ def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_sc
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     codes, scale = codes or module._input_codes(x2)
-    if kernels.int8_mm_supported(x2.shape[0], module.in_features, int8_weight.shape[0], x.device):
-        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale)
+    packed = module.int8_packed
+    out_features = int8_weight.shape[1 if packed else 0]  # oneDNN holds Wᵀ
+    if kernels.int8_mm_supported(x2.shape[0], module.in_features, out_features, x.device):
+        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale, packed)
     else:
         if not module._warned_fallback:
             logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing %s", module.extra_repr(),
-                        x2.shape[0], module.in_features, int8_weight.shape[0], x.device, module.FALLBACK)
+                        x2.shape[0], module.in_features, out_features, x.device, module.FALLBACK)
             module._warned_fallback = True
         y = module._float_product(codes, scale, int8_weight, int8_scale)
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
@@ -257,30 +284,38 @@ def _int8_product(module, x: torch.Tensor) -> torch.Tensor:
 
 
 class SharedInputProduct:
-    """One activation quantization and one `torch._int_mm` for int8 layers that read the same input
-    (q/k/v, gate/up; QuantLinears with quantized activations, Nvfp4Linears on their int8 runtime): the
-    first member called with an input multiplies it by all members' weights stacked, and the others take
-    their columns of that product when called with the same, unmodified tensor.
+    """One activation quantization (and where it pays, one product) for int8 layers that read the same
+    input (q/k/v, gate/up; QuantLinears with quantized activations, Nvfp4Linears on their int8 runtime):
+    the first member called with an input quantizes it, and the others reuse that when called with the
+    same, unmodified tensor. Each entry is exact, so results are bit-identical to the members' own.
 
-    The members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held twice). A
-    member whose weight is no longer such a view (moved to another device, repacked) computes on its own,
-    as it does when `_int_mm` does not take the shape. Each entry is exact, so results are bit-identical
-    to the members' own products.
+    Weights laid out for `torch._int_mm` (plain [N, K]: CUDA, or a CPU torch without oneDNN) are stacked:
+    the first member multiplies the input by all members' weights at once and the others take their
+    columns, and the members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held
+    twice). That pays for a decode step's few rows, where each call's fixed cost dominates; where the
+    product would be larger than MAX_ELEMENTS (e.g. a long prompt's gate/up) the members share only the
+    input's codes and each runs its own product, whose float32 epilogue stays in cache where the stacked
+    one would not. oneDNN-packed weights (CPU) cannot be views of a stacked one: where any member has
+    one, the members always share the codes only, each with its own product and layout (oneDNN's fixed
+    cost per call is small).
 
-    Sharing the product pays for a decode step's few rows, where each call's fixed cost dominates; where
-    it would be larger than MAX_ELEMENTS (e.g. a long prompt's gate/up) the members share only the input's
-    codes and each runs its own product, whose float32 epilogue stays in cache where the stacked one
-    would not."""
+    A member whose weight no longer fits (moved to another device, repacked) computes on its own, as it
+    does when the int8 product does not take the shape."""
 
     MAX_ELEMENTS = 1 << 20  # rows × stacked output features: 4 MB of float32
 
     def __init__(self, members: list):
-        self.weight = torch.cat([m.int8_weight for m in members])
-        self.scale = torch.cat([m.int8_scale for m in members])
-        bounds = list(itertools.accumulate((m.out_features for m in members), initial=0))
-        self.columns = {m: (start, stop) for m, start, stop in zip(members, bounds, bounds[1:])}  # the members
-        for m, (start, stop) in self.columns.items():
-            m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
+        self.members = frozenset(members)
+        self.weight = self.scale = None  # the stacked weight and scales (plain layout only)
+        self.columns = {}  # member -> its (start, stop) columns of the stacked product
+        if not any(m.int8_packed for m in members):
+            self.weight = torch.cat([m.int8_weight for m in members])
+            self.scale = torch.cat([m.int8_scale for m in members])
+            bounds = list(itertools.accumulate((m.out_features for m in members), initial=0))
+            self.columns = {m: (start, stop) for m, start, stop in zip(members, bounds, bounds[1:])}
+            for m, (start, stop) in self.columns.items():
+                m.int8_weight, m.int8_scale = self.weight[start:stop], self.scale[start:stop]
+        for m in members:
             m.shared_input = self
         # (input, its version, product or (codes, scale), members still to be served), replaced whole and
         # never changed in place: threads running the model at once each read a consistent state (at worst
@@ -296,23 +331,30 @@ class SharedInputProduct:
                     for m in members)
                 and all(first.quantizes_input_like(m) for m in members[1:]))
 
+    def _serves(self, member) -> bool:
+        weight = member.int8_weight
+        if weight is None:
+            return False
+        return self.weight is None or weight._base is self.weight
+
     def output(self, member: "QuantLinear", x: torch.Tensor) -> torch.Tensor | None:
         """`member`'s product (no bias): its columns of the shared one, or its own from the shared codes;
         None: the member computes on its own."""
-        if member.int8_weight is None or member.int8_weight._base is not self.weight:
+        if not self._serves(member):
             return None
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         state = self._state
         if state is None or x is not state[0] or version != state[1] or member not in state[3]:
-            rows, width = x.numel() // x.shape[-1], self.weight.shape[0]
-            if x.device != self.weight.device or not kernels.int8_mm_supported(rows, member.in_features, width,
-                                                                                x.device):
+            rows = x.numel() // x.shape[-1]
+            device = member.int8_weight.device if self.weight is None else self.weight.device
+            width = member.out_features if self.weight is None else self.weight.shape[0]
+            if x.device != device or not kernels.int8_mm_supported(rows, member.in_features, width, x.device):
                 return None
-            if rows * width > self.MAX_ELEMENTS:
+            if self.weight is None or rows * width > self.MAX_ELEMENTS:
                 shared = member._input_codes(x.reshape(-1, x.shape[-1]))
             else:
                 shared = _integer_product(member, x, self.weight, self.scale)
-            state = (x, version, shared, frozenset(self.columns))
+            state = (x, version, shared, self.members)
         pending = state[3] - {member}
         self._state = (*state[:3], pending) if pending else None  # all served: let go of input and product
         if isinstance(state[2], tuple):
@@ -412,6 +454,7 @@ class Nvfp4Linear(nn.Module):
         # output channel
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scale", None, persistent=False)
+        self.int8_packed = False  # int8_weight is oneDNN's opaque prepacked tensor (see `kernels`)
         self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
         self._warned_fallback = False
 
@@ -454,7 +497,11 @@ class Nvfp4Linear(nn.Module):
     @torch.no_grad()
     def use_int8_runtime(self) -> None:
         """Compute from now on with an int8 copy of the residual (1 more byte per weight; see the class)."""
-        self.int8_weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_residual(torch.float32))
+        weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_residual(torch.float32))
+        _set_int8_weight(self, weight)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_to_packed(self, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
@@ -480,7 +527,7 @@ class Nvfp4Linear(nn.Module):
 
     def _float_product(self, codes, scale, int8_weight, int8_scale):
         """The same product of int8 codes, computed in float32."""
-        return (codes.float() @ int8_weight.float().T).mul_(scale).mul_(int8_scale)
+        return (codes.float() @ kernels.unpack_int8_weight(int8_weight).float().T).mul_(scale).mul_(int8_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
