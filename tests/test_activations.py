@@ -1,4 +1,7 @@
 """Activation quantization and the integer matmul path against the fake-quant float reference."""
+import copy
+import io
+
 import pytest
 import torch
 
@@ -93,8 +96,8 @@ def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k):
 
 
 @pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
-def test_a_packed_layer_moves_and_changes_dtype(monkeypatch):
-    """`.to()` on a layer holding oneDNN's opaque weight: unpacked, moved, packed again; the same outputs."""
+def test_a_packed_layer_moves_changes_dtype_and_copies(monkeypatch):
+    """`.to()`, deepcopy and pickle on a layer holding oneDNN's opaque weight: the same outputs after each."""
     from lowbit.modules import QuantLinear
 
     monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT_FEATURES", 0)
@@ -106,3 +109,10 @@ def test_a_packed_layer_moves_and_changes_dtype(monkeypatch):
     q.to(torch.bfloat16).to("cpu")
     assert q.int8_packed and q.int8_weight.is_mkldnn and q.scale_offset.dtype == torch.bfloat16
     assert torch.allclose(q(x.bfloat16()).float(), y, rtol=0.02, atol=0.02)
+    twin = copy.deepcopy(q)  # an opaque tensor has no storage: copied through its plain form, packed again
+    assert twin.int8_packed and twin.int8_weight.is_mkldnn and torch.equal(twin(x.bfloat16()), q(x.bfloat16()))
+    buffer = io.BytesIO()
+    torch.save(q, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.int8_weight.is_mkldnn and torch.equal(loaded(x.bfloat16()), q(x.bfloat16()))

@@ -169,6 +169,13 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         return _apply_to_packed(self, super()._apply, fn, recurse)
 
+    def __getstate__(self):
+        return _state_unpacked(self, super().__getstate__())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _repack(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
             x = transform_activations(x)
@@ -243,6 +250,20 @@ def _apply_to_packed(module, apply, fn, recurse):
     if packed:
         _set_int8_weight(module, module.int8_weight)
     return result
+
+
+def _state_unpacked(module, state: dict) -> dict:
+    """The state pickle and `copy.deepcopy` see: a packed int8 weight as its plain tensor (an opaque one has
+    no storage to copy)."""
+    if module.int8_packed:
+        state = {**state, "_buffers": {**state["_buffers"],
+                                       "int8_weight": kernels.unpack_int8_weight(module.int8_weight).contiguous()}}
+    return state
+
+
+def _repack(module) -> None:
+    if module.int8_packed:
+        _set_int8_weight(module, module.int8_weight)
 
 
 def _set_int8_weight(module, weight: torch.Tensor) -> None:
@@ -502,6 +523,13 @@ class Nvfp4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return _apply_to_packed(self, super()._apply, fn, recurse)
+
+    def __getstate__(self):
+        return _state_unpacked(self, super().__getstate__())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _repack(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
