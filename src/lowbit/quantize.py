@@ -301,8 +301,9 @@ def _least_error_codes(x: torch.Tensor, amax: torch.Tensor, qmax: int):
     for start in range(0, max(x2.shape[0], 1), ACT_CLIP_BLOCK):  # one (empty) block for no tokens
         xb, ab = x2[start:start + ACT_CLIP_BLOCK].float(), a2[start:start + ACT_CLIP_BLOCK]
         scale = (ab * grid / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
-        q = torch.round(xb / scale).clamp_(-qmax - 1, qmax)
-        best = (q * scale - xb).pow_(2).sum(-1).argmin(0)  # [tokens]
+        # in place where it can: two [candidates, tokens, d] temporaries per block, not four
+        q = torch.div(xb, scale).round_().clamp_(-qmax - 1, qmax)
+        best = torch.mul(q, scale).sub_(xb).pow_(2).sum(-1).argmin(0)  # [tokens]
         tokens = torch.arange(xb.shape[0], device=x.device)
         codes.append(q[best, tokens])
         scales.append(scale[best, tokens])
