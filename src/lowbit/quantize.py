@@ -297,18 +297,18 @@ def _least_error_codes(x: torch.Tensor, amax: torch.Tensor, qmax: int):
     if grid is None:
         grid = _CLIP_GRIDS[x.device] = torch.tensor(ACT_CLIP_GRID, device=x.device).view(-1, 1, 1)
     x2, a2 = x.reshape(-1, x.shape[-1]), amax.reshape(-1, 1)
-    codes, scales = [], []
-    for start in range(0, max(x2.shape[0], 1), ACT_CLIP_BLOCK):  # one (empty) block for no tokens
+    codes = torch.empty(x2.shape, dtype=torch.int8, device=x.device)  # each block's winners written in place
+    scales = torch.empty(a2.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x2.shape[0], ACT_CLIP_BLOCK):
         xb, ab = x2[start:start + ACT_CLIP_BLOCK].float(), a2[start:start + ACT_CLIP_BLOCK]
         scale = (ab * grid / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
         # in place where it can: two [candidates, tokens, d] temporaries per block, not four
         q = torch.div(xb, scale).round_().clamp_(-qmax - 1, qmax)
         best = torch.mul(q, scale).sub_(xb).pow_(2).sum(-1).argmin(0)  # [tokens]
         tokens = torch.arange(xb.shape[0], device=x.device)
-        codes.append(q[best, tokens])
-        scales.append(scale[best, tokens])
-    codes, scale = (codes[0], scales[0]) if len(codes) == 1 else (torch.cat(codes), torch.cat(scales))
-    return codes.to(torch.int8).view(x.shape), scale.view(amax.shape)
+        codes[start:start + ACT_CLIP_BLOCK] = q[best, tokens]
+        scales[start:start + ACT_CLIP_BLOCK] = scale[best, tokens]
+    return codes.view(x.shape), scales.view(amax.shape)
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float | None = 1.0) -> torch.Tensor:
