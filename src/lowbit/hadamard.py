@@ -166,15 +166,22 @@ def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's float32 copies stay this small
 
 
-def transform_activations(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """`hadamard_transform` of activations at run time: computed in float32 a block of rows at a time,
-    returned in x's dtype (whole-tensor float32 copies of a long prefill's MLP activations would cost
-    several times their size in temporaries). Not in bfloat16: that rounds once more, after the first
-    factor, and a decode step's small bfloat16 matmuls run slower than float32 ones."""
+def in_row_blocks(x: torch.Tensor, transform) -> torch.Tensor:
+    """`transform` (float32 rows [n, d] -> [n, d]) of activations at run time: computed in float32 a block
+    of rows at a time, returned in x's dtype. Whole-tensor float32 copies of a long prefill's MLP
+    activations would cost several times their size in fresh temporaries; a block's stay small and
+    are reused. Row by row the result is the same (each row is transformed on its own)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] <= ACTIVATION_ROWS:
-        return hadamard_transform(rows.float(), inverse).to(x.dtype).view(x.shape)
+        return transform(rows.float()).to(x.dtype).view(x.shape)
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], ACTIVATION_ROWS):
-        out[start:start + ACTIVATION_ROWS] = hadamard_transform(rows[start:start + ACTIVATION_ROWS].float(), inverse)
+        out[start:start + ACTIVATION_ROWS] = transform(rows[start:start + ACTIVATION_ROWS].float())
     return out.view(x.shape)
+
+
+def transform_activations(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`hadamard_transform` of activations at run time (`in_row_blocks`). Not in bfloat16: that rounds
+    once more, after the first factor, and a decode step's small bfloat16 matmuls run slower than
+    float32 ones."""
+    return in_row_blocks(x, lambda rows: hadamard_transform(rows, inverse))

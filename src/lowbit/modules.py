@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import kernels, nvfp4, packing, reflections
-from .hadamard import hadamard_transform, transform_activations
+from .hadamard import hadamard_transform, in_row_blocks, transform_activations
 from .quantize import (dequantize, padded_in_features, quantize_activations, quantize_hqq, quantize_hqq_integer_zero,
                        quantize_rtn, quantize_rtn_clip)
 
@@ -407,8 +407,8 @@ class HouseholderRotation(nn.Module):
         return self._wy[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.householder_vectors
-        return reflections.rotate(x.float(), v, factors=self._factors()).to(x.dtype)
+        v, factors = self.householder_vectors, self._factors()
+        return in_row_blocks(x, lambda rows: reflections.rotate(rows, v, factors=factors))
 
     def fold(self, w: torch.Tensor) -> torch.Tensor:
         """Q·w over the last dimension: W·Qᵀ, the weight of a linear reading the rotated input."""
