@@ -52,7 +52,43 @@ def _check_act_bits(act_bits) -> None:
         raise ValueError(f"act_bits must be one of {list(ACT_BITS)}, got {act_bits!r}")
 
 
-class QuantLinear(nn.Module):
+class Int8Runtime(nn.Module):
+    """The runtime int8 weight of a layer with quantized activations (its non-persistent buffer
+    `int8_weight` [N, K]) in its device's layout (`kernels.pack_int8_weight`). oneDNN's prepacked tensor is
+    opaque: it cannot move, and has no storage to copy, so moving the layer (`.to()`, `.cpu()`, ...),
+    `copy.deepcopy` and pickling see the plain weight and pack it again."""
+
+    int8_packed = False  # int8_weight is oneDNN's: a plain attribute, which torch.compile reads as a constant
+
+    def _set_int8_weight(self, weight: torch.Tensor) -> None:
+        self.int8_weight = kernels.pack_int8_weight(weight)
+        self.int8_packed = self.int8_weight.is_mkldnn
+
+    def _plain_int8_weight(self) -> torch.Tensor:
+        return kernels.unpack_int8_weight(self.int8_weight).contiguous()
+
+    def _apply(self, fn, recurse=True):
+        packed = self.int8_packed
+        if packed:
+            self.int8_weight = self._plain_int8_weight()
+        result = super()._apply(fn, recurse)
+        if packed:
+            self._set_int8_weight(self.int8_weight)
+        return result
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if self.int8_packed:
+            state = {**state, "_buffers": {**state["_buffers"], "int8_weight": self._plain_int8_weight()}}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.int8_packed:
+            self._set_int8_weight(self.int8_weight)
+
+
+class QuantLinear(Int8Runtime):
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  dtype: torch.dtype = torch.bfloat16, device=None, act_bits: int = 16,
                  input_transform: str | None = None, reflections: int = 0, learned_act_clip: bool = False):
@@ -85,7 +121,6 @@ class QuantLinear(nn.Module):
         # "int8_channel": the weight as int8 [out, in] and its float32 scale per output channel (runtime only)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scale", None, persistent=False)
-        self.int8_packed = False  # int8_weight is oneDNN's opaque prepacked tensor (see `kernels`)
         self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
         self._warned_fallback = False
 
@@ -130,7 +165,7 @@ class QuantLinear(nn.Module):
         else torch's CPU int4 kernel when the layer lives on CPU and the kernel fits."""
         if self.layout == "packed" and self.act_bits < 16:
             weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_weight(torch.float32))
-            _set_int8_weight(self, weight)
+            self._set_int8_weight(weight)
             self.layout = "int8_channel"
             return self
         if self.layout != "packed" or self.qweight.device.type != "cpu":
@@ -165,16 +200,6 @@ class QuantLinear(nn.Module):
         self.layout = "packed"
         self.nibble_scale_offsets = self.int8_weight = self.int8_scale = None
         self.int8_packed = False
-
-    def _apply(self, fn, recurse=True):
-        return _apply_to_packed(self, super()._apply, fn, recurse)
-
-    def __getstate__(self):
-        return _state_unpacked(self, super().__getstate__())
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _repack(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform == "hadamard":
@@ -238,39 +263,6 @@ class QuantLinear(nn.Module):
         if self.input_transform == "householder":
             return self.rotation.inverse(w)
         return w
-
-
-def _apply_to_packed(module, apply, fn, recurse):
-    """`nn.Module._apply` (`.to()`, `.cpu()`, ...) for a layer whose int8 weight may be oneDNN-packed, an
-    opaque tensor that cannot move: unpacked first, packed again for wherever it lands."""
-    packed = module.int8_packed
-    if packed:
-        module.int8_weight = kernels.unpack_int8_weight(module.int8_weight).contiguous()
-    result = apply(fn, recurse)
-    if packed:
-        _set_int8_weight(module, module.int8_weight)
-    return result
-
-
-def _state_unpacked(module, state: dict) -> dict:
-    """The state pickle and `copy.deepcopy` see: a packed int8 weight as its plain tensor (an opaque one has
-    no storage to copy)."""
-    if module.int8_packed:
-        state = {**state, "_buffers": {**state["_buffers"],
-                                       "int8_weight": kernels.unpack_int8_weight(module.int8_weight).contiguous()}}
-    return state
-
-
-def _repack(module) -> None:
-    if module.int8_packed:
-        _set_int8_weight(module, module.int8_weight)
-
-
-def _set_int8_weight(module, weight: torch.Tensor) -> None:
-    """The int8 weight [N, K] in its device's layout (`kernels.pack_int8_weight`), and whether that is
-    oneDNN's: a plain attribute, which torch.compile reads as a constant."""
-    module.int8_weight = kernels.pack_int8_weight(weight)
-    module.int8_packed = module.int8_weight.is_mkldnn
 
 
 def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor,
@@ -434,7 +426,7 @@ class RotatedNorm(nn.Module):
         return self.rotation(self.norm(x))
 
 
-class Nvfp4Linear(nn.Module):
+class Nvfp4Linear(Int8Runtime):
     """y = Q(x)·Q(W_res)ᵀ + x·Lᵀ (ARHQ, SVDQuant): the residual weight and its input in NVFP4, a low-rank
     branch L = lora_up·lora_down in the compute dtype beside them.
 
@@ -475,7 +467,6 @@ class Nvfp4Linear(nn.Module):
         # output channel
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scale", None, persistent=False)
-        self.int8_packed = False  # int8_weight is oneDNN's opaque prepacked tensor (see `kernels`)
         self.shared_input = None  # a SharedInputProduct this layer belongs to (runtime only)
         self._warned_fallback = False
 
@@ -519,17 +510,7 @@ class Nvfp4Linear(nn.Module):
     def use_int8_runtime(self) -> None:
         """Compute from now on with an int8 copy of the residual (1 more byte per weight; see the class)."""
         weight, self.int8_scale = kernels.int8_channel_weight(self.dequantize_residual(torch.float32))
-        _set_int8_weight(self, weight)
-
-    def _apply(self, fn, recurse=True):
-        return _apply_to_packed(self, super()._apply, fn, recurse)
-
-    def __getstate__(self):
-        return _state_unpacked(self, super().__getstate__())
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _repack(self)
+        self._set_int8_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
