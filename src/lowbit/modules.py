@@ -268,15 +268,14 @@ class QuantLinear(Int8Runtime):
 def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_scale: torch.Tensor,
                      codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """An int8 layer's input codes (`module._input_codes`, or `codes` already made from x) times an int8
-    weight (its own or several layers' stacked) in one `torch._int_mm`, in x's dtype; where `_int_mm`
-    refuses the shape, `module._float_product`, said once in the log."""
+    weight (its own or several layers' stacked) in one int8 GEMM (`kernels.int8_linear`), in x's dtype;
+    where `torch._int_mm` refuses the shape, `module._float_product`, said once in the log."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     codes, scale = codes or module._input_codes(x2)
-    packed = module.int8_packed
-    out_features = int8_weight.shape[1 if packed else 0]  # oneDNN holds Wᵀ
+    out_features = int8_scale.shape[0]  # one scale per output channel, whatever the weight's layout
     if kernels.int8_mm_supported(x2.shape[0], module.in_features, out_features, x.device):
-        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale, packed)
+        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale, module.int8_packed)
     else:
         if not module._warned_fallback:
             logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing %s", module.extra_repr(),
