@@ -1,0 +1,100 @@
+"""The linear kernels alone, on one model's layer shapes: what a decode step's products cost per kernel.
+
+    python scripts/kernel_benchmark.py --model smollm2-135m-perm --threads 2
+    python scripts/kernel_benchmark.py --model qwen2.5-0.5b-perm --rows 1 512
+
+For each distinct linear shape of the model (q/o, k/v, gate/up, down, the head) and each row count, the
+time of one product on random data, median of --repeats calls after a warm-up, and how fast each
+kernel reads its weight (GB/s of the weight's bytes):
+- bf16: `F.linear` on a bf16 weight (the unquantized model);
+- int4: `_weight_int4pack_mm_for_cpu` at group 64 (HQQ's layers), 0.5 byte per weight;
+- int8 w-only: `_weight_int8pack_mm` (bf16 activations, int8 weight, one scale per channel);
+- int8 oneDNN / int8 _int_mm: the int8 × int8 product of QuaRot's and Householder's layers
+  (`lowbit.kernels`), the input's int8 codes given (their quantization is not timed).
+A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
+reach the memory's bandwidth there is what a quantized model's decode waits on.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed_benchmark as sb  # noqa: E402  (the same model folders)
+
+GROUP = 64
+
+
+def layer_shapes(model: str) -> dict:
+    """name -> (out_features, in_features), from the model's config.json."""
+    c = json.loads((sb.MODELS / model / "config.json").read_text())
+    d, ff, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    kv = c.get("num_key_value_heads", heads) * c.get("head_dim", d // heads)
+    return {"q/o": (d, d), "k/v": (kv, d), "gate/up": (ff, d), "down": (d, ff), "head": (c["vocab_size"], d)}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def kernels(n: int, k: int, rows: int) -> dict:
+    """kernel name -> (a call, the weight's bytes)."""
+    from lowbit import kernels as lk
+
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    w_bf16 = torch.randn(n, k, dtype=torch.bfloat16)
+    int4 = lk.to_int4_cpu_layout(torch.randint(0, 16, (n, k), dtype=torch.uint8))
+    scale_offset = torch.rand(k // GROUP, n, 2, dtype=torch.bfloat16)
+    w_int8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    channel_scale = torch.rand(n, dtype=torch.float32)
+    codes = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
+    out = {
+        "bf16": (lambda: torch.nn.functional.linear(x, w_bf16), 2 * n * k),
+        "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, GROUP, scale_offset), n * k // 2),
+        "int8 w-only": (lambda: torch.ops.aten._weight_int8pack_mm(x, w_int8, channel_scale.bfloat16()), n * k),
+        "int8 _int_mm": (lambda: torch._int_mm(codes, w_int8.t()), n * k),
+    }
+    if lk.onednn_int8_available():
+        packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
+        out["int8 oneDNN"] = (lambda: lk._onednn_int8_mm(codes, packed, n), n * k)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-perm")
+    p.add_argument("--rows", type=int, nargs="+", default=[1], help="rows per product (1: a decode step)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.model}, {sb._machine(args.threads)}: microseconds per product "
+          f"(GB/s of weight read; x bf16)")
+    names = None
+    for rows in args.rows:
+        for layer, (n, k) in layer_shapes(args.model).items():
+            calls = kernels(n, k, rows)
+            if names is None:
+                names = list(calls)
+                print("| rows | layer | N x K | " + " | ".join(names) + " |")
+                print("|---|---|---|" + "---|" * len(names))
+            with torch.no_grad():
+                seconds = {name: median_seconds(fn, args.repeats) for name, (fn, _) in calls.items()}
+            cells = [f"{seconds[m] * 1e6:.0f} ({calls[m][1] / seconds[m] / 1e9:.1f}; {seconds['bf16'] / seconds[m]:.2f}x)"
+                     for m in names]
+            print(f"| {rows} | {layer} | {n} x {k} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
