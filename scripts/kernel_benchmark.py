@@ -16,9 +16,7 @@ reach the memory's bandwidth there is what a quantized model's decode waits on.
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,17 +35,6 @@ def layer_shapes(model: str) -> dict:
     return {"q/o": (d, d), "k/v": (kv, d), "gate/up": (ff, d), "down": (d, ff), "head": (c["vocab_size"], d)}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def kernels(n: int, k: int, rows: int) -> dict:
     """kernel name -> (a call, the weight's bytes)."""
     from lowbit import kernels as lk
@@ -57,12 +44,12 @@ def kernels(n: int, k: int, rows: int) -> dict:
     int4 = lk.to_int4_cpu_layout(torch.randint(0, 16, (n, k), dtype=torch.uint8))
     scale_offset = torch.rand(k // GROUP, n, 2, dtype=torch.bfloat16)
     w_int8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    channel_scale = torch.rand(n, dtype=torch.float32)
+    channel_scale = torch.rand(n, dtype=torch.bfloat16)
     codes = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
     out = {
         "bf16": (lambda: torch.nn.functional.linear(x, w_bf16), 2 * n * k),
         "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, GROUP, scale_offset), n * k // 2),
-        "int8 w-only": (lambda: torch.ops.aten._weight_int8pack_mm(x, w_int8, channel_scale.bfloat16()), n * k),
+        "int8 w-only": (lambda: torch.ops.aten._weight_int8pack_mm(x, w_int8, channel_scale), n * k),
         "int8 _int_mm": (lambda: torch._int_mm(codes, w_int8.t()), n * k),
     }
     if lk.onednn_int8_available():
@@ -90,7 +77,7 @@ def main():
                 print("| rows | layer | N x K | " + " | ".join(names) + " |")
                 print("|---|---|---|" + "---|" * len(names))
             with torch.no_grad():
-                seconds = {name: median_seconds(fn, args.repeats) for name, (fn, _) in calls.items()}
+                seconds = {name: sb.timed(fn, args.repeats) for name, (fn, _) in calls.items()}
             cells = [f"{seconds[m] * 1e6:.0f} ({calls[m][1] / seconds[m] / 1e9:.1f}; {seconds['bf16'] / seconds[m]:.2f}x)"
                      for m in names]
             print(f"| {rows} | {layer} | {n} x {k} | " + " | ".join(cells) + " |")
