@@ -10,7 +10,10 @@ kernel reads its weight (GB/s of the weight's bytes):
 - int4: `_weight_int4pack_mm_for_cpu` at group 64 (HQQ's layers), 0.5 byte per weight;
 - int8 w-only: `_weight_int8pack_mm` (bf16 activations, int8 weight, one scale per channel);
 - int8 oneDNN / int8 _int_mm: the int8 × int8 product of QuaRot's and Householder's layers
-  (`lowbit.kernels`), the input's int8 codes given (their quantization is not timed).
+  (`lowbit.kernels`), the input's int8 codes given (their quantization is not timed); oneDNN's layout
+  is lowbit's only on a CPU with AMX (`kernels.onednn_int8_fast`);
+- int8 oneDNN u8: oneDNN's product on the same codes made unsigned (+128, zero point 128), the form
+  its kernels for CPUs without AMX take (signed codes run there on its reference kernel).
 A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
 reach the memory's bandwidth there is what a quantized model's decode waits on.
 """
@@ -55,6 +58,10 @@ def kernels(n: int, k: int, rows: int) -> dict:
     if lk.onednn_int8_available():
         packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
         out["int8 oneDNN"] = (lambda: lk._onednn_int8_mm(codes, packed, n), n * k)
+        unsigned = codes.view(torch.uint8) ^ 128  # the two's complement byte with its sign bit flipped: code + 128
+        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        out["int8 oneDNN u8"] = (lambda: torch.ops.onednn.qlinear_pointwise.default(
+            unsigned, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""), n * k)
     return out
 
 

@@ -79,9 +79,10 @@ def test_integer_path_against_fake_quant_reference(w_bits, a_bits, group, m):
 
 @pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
 @pytest.mark.parametrize("m,n,k", [(1, 512, 256), (3, 640, 96), (600, 512, 448)])
-def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k):
+def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k, monkeypatch):
     """The prepacked oneDNN weight: bit-identical products to `torch._int_mm` on the plain weight (sums large
     enough that their float32 conversion rounds), and it unpacks to the same int8 weight."""
+    monkeypatch.setattr(kernels, "onednn_layout_for", lambda out_features: True)  # on any x86 CPU
     g = torch.Generator().manual_seed(0)
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w_scale = torch.rand(n, generator=g) + 0.5
@@ -92,7 +93,16 @@ def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k):
     plain = kernels.int8_linear(codes, scale, w8, w_scale)
     assert torch.equal(kernels.int8_linear(codes, scale, packed, w_scale, packed=True), plain)
     assert torch.equal(plain, (codes.double() @ w8.double().T).float().mul_(scale).mul_(w_scale))
-    assert not kernels.pack_int8_weight(w8[:kernels.ONEDNN_MIN_OUT_FEATURES - 1]).is_mkldnn  # narrow: plain
+
+
+def test_int8_weights_take_onednn_layout_only_where_it_is_faster():
+    """oneDNN's layout on a CPU with AMX and for layers of at least ONEDNN_MIN_OUT_FEATURES outputs; the
+    plain one (`torch._int_mm`) for narrower layers, on CPUs without AMX, and off the CPU."""
+    amx = kernels.onednn_int8_available() and torch.cpu._is_amx_tile_supported()
+    wide = torch.ones(kernels.ONEDNN_MIN_OUT_FEATURES, 64, dtype=torch.int8)
+    assert kernels.pack_int8_weight(wide).is_mkldnn == amx
+    assert not kernels.pack_int8_weight(wide[:-1]).is_mkldnn
+    assert not kernels.pack_int8_weight(wide.to("meta")).is_mkldnn
 
 
 @pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
@@ -100,7 +110,7 @@ def test_a_packed_layer_moves_changes_dtype_and_copies(monkeypatch):
     """`.to()`, deepcopy and pickle on a layer holding oneDNN's opaque weight: the same outputs after each."""
     from lowbit.modules import QuantLinear
 
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT_FEATURES", 0)
+    monkeypatch.setattr(kernels, "onednn_layout_for", lambda out_features: True)
     torch.manual_seed(0)
     q = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32, solver="rtn", act_bits=8)
     assert q.int8_packed and q.int8_weight.is_mkldnn

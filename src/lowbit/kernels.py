@@ -8,9 +8,9 @@ blocked nibble layout made by `_convert_weight_to_int4pack_for_cpu`. lowbit's st
 takes it as is; 2- and 3-bit codes are shifted by 8 - 2**(bits-1) to share the kernel.
 
 int8 (layers with quantized activations): int8 codes times an int8 weight with one scale per output
-channel (`int8_channel_weight`). On CPU the weight is held prepacked for oneDNN's int8 GEMM (what
-torch's x86 quantization runs; on a long prompt several times faster than `torch._int_mm`, which
-re-lays out the weight at every call); elsewhere, where torch has no oneDNN, and for narrow layers
+channel (`int8_channel_weight`). On a CPU with AMX the weight is held prepacked for oneDNN's int8 GEMM
+(what torch's x86 quantization runs; there, on a long prompt, several times faster than `torch._int_mm`,
+which re-lays out the weight at every call); everywhere else, and for narrow layers
 (ONEDNN_MIN_OUT_FEATURES), as a plain [N, K] tensor for `torch._int_mm`. Both give the same exact int32
 dot products.
 """
@@ -106,17 +106,30 @@ def onednn_int8_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_int8_fast() -> bool:
+    """Whether oneDNN's int8 GEMM is the faster kernel on this CPU: only with AMX. Without it (AVX512-VNNI
+    alone, e.g. AMD EPYC) oneDNN multiplies signed int8 inputs on its reference kernel, hundreds of times
+    slower than `torch._int_mm`, and unsigned ones on a VNNI kernel that is still no faster than it
+    (`scripts/kernel_benchmark.py` shows both)."""
+    return onednn_int8_available() and torch.cpu._is_amx_tile_supported()
+
+
 # oneDNN's int8 GEMM takes a slow path (milliseconds, not microseconds) when a call has at most 256
 # outputs (rows × N), i.e. a decode step of a layer 256 wide or less (GQA k/v projections); such layers
 # keep the plain layout, on which `torch._int_mm` is fast at any size that narrow
 ONEDNN_MIN_OUT_FEATURES = 512
 
 
+def onednn_layout_for(out_features: int) -> bool:
+    """Whether a CPU int8 weight with this many outputs is held in oneDNN's prepacked layout."""
+    return out_features >= ONEDNN_MIN_OUT_FEATURES and onednn_int8_fast()
+
+
 def pack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
-    """An int8 weight [N, K] in the layout its device's int8 product takes: on CPU with oneDNN, an opaque
-    prepacked tensor (the same bytes); otherwise the weight itself."""
-    if (weight.device.type != "cpu" or weight.shape[0] < ONEDNN_MIN_OUT_FEATURES
-            or not onednn_int8_available()):
+    """An int8 weight [N, K] in the layout its int8 product takes here: an opaque oneDNN-prepacked tensor
+    (the same bytes) where `onednn_layout_for` says so; otherwise the weight itself."""
+    if weight.device.type != "cpu" or not onednn_layout_for(weight.shape[0]):
         return weight
     return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
 
