@@ -8,12 +8,15 @@ time of one product on random data, median of --repeats calls after a warm-up, a
 kernel reads its weight (GB/s of the weight's bytes):
 - bf16: `F.linear` on a bf16 weight (the unquantized model);
 - int4: `_weight_int4pack_mm_for_cpu` at group 64 (HQQ's layers), 0.5 byte per weight;
+- int4 dequant: the same weight dequantized from that layout, then a bf16 GEMM: what HQQ's layers run
+  on more than `kernels.INT4_CPU_MAX_ROWS` rows;
 - int8 w-only: `_weight_int8pack_mm` (bf16 activations, int8 weight, one scale per channel);
 - int8 oneDNN / int8 _int_mm: the int8 × int8 product of QuaRot's and Householder's layers
-  (`lowbit.kernels`), the input's int8 codes given (their quantization is not timed); oneDNN's layout
-  is lowbit's only on a CPU with AMX (`kernels.onednn_int8_fast`);
+  (`lowbit.kernels`), the input's int8 codes given (their quantization is not timed); oneDNN's only on
+  a CPU with AMX, where lowbit uses it (`kernels.onednn_int8_fast`: elsewhere oneDNN runs signed codes
+  on its reference kernel, too slow to time on a prompt);
 - int8 oneDNN u8: oneDNN's product on the same codes made unsigned (+128, zero point 128), the form
-  its kernels for CPUs without AMX take (signed codes run there on its reference kernel).
+  its kernels for CPUs without AMX take.
 A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
 reach the memory's bandwidth there is what a quantized model's decode waits on.
 """
@@ -41,6 +44,7 @@ def layer_shapes(model: str) -> dict:
 def kernels(n: int, k: int, rows: int) -> dict:
     """kernel name -> (a call, the weight's bytes)."""
     from lowbit import kernels as lk
+    from lowbit.quantize import dequantize
 
     x = torch.randn(rows, k, dtype=torch.bfloat16)
     w_bf16 = torch.randn(n, k, dtype=torch.bfloat16)
@@ -52,12 +56,15 @@ def kernels(n: int, k: int, rows: int) -> dict:
     out = {
         "bf16": (lambda: torch.nn.functional.linear(x, w_bf16), 2 * n * k),
         "int4": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, GROUP, scale_offset), n * k // 2),
+        "int4 dequant": (lambda: torch.nn.functional.linear(x, dequantize(lk.from_int4_cpu_layout(int4, n, k),
+                                                                          scale_offset, 4, k)), n * k // 2),
         "int8 w-only": (lambda: torch.ops.aten._weight_int8pack_mm(x, w_int8, channel_scale), n * k),
         "int8 _int_mm": (lambda: torch._int_mm(codes, w_int8.t()), n * k),
     }
     if lk.onednn_int8_available():
         packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
-        out["int8 oneDNN"] = (lambda: lk._onednn_int8_mm(codes, packed, n), n * k)
+        if lk.onednn_int8_fast():
+            out["int8 oneDNN"] = (lambda: lk._onednn_int8_mm(codes, packed, n), n * k)
         unsigned = codes.view(torch.uint8) ^ 128  # the two's complement byte with its sign bit flipped: code + 128
         ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
         out["int8 oneDNN u8"] = (lambda: torch.ops.onednn.qlinear_pointwise.default(

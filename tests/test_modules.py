@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowbit import QuantLinear
+from lowbit import QuantLinear, kernels
 
 
 def _layer(n, k, bits, g, bias=True):
@@ -21,6 +21,26 @@ def test_int4_cpu_kernel_matches_dequantize_path(bits, n, k, g):
     y_ref = x.float() @ w.T + layer.bias.float()
     # the kernel accumulates in fp32 and rounds the output to bf16
     assert torch.allclose(y_kernel, y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_prompt_runs_on_the_dequantized_weight(bits):
+    """Above INT4_CPU_MAX_ROWS rows the layer dequantizes its weight and runs one float GEMM: exactly that
+    product, and the kernel's result to its rounding."""
+    layer = _layer(64, 128, bits, 64)
+    x = torch.randn(2, kernels.INT4_CPU_MAX_ROWS // 2 + 1, 128, dtype=torch.bfloat16)
+    y = layer(x)
+    w = layer.dequantize_weight(torch.bfloat16)
+    assert torch.equal(y, torch.nn.functional.linear(x, w) + layer.bias)
+    y_kernel = torch.cat([layer(row) for row in x.split(1, dim=1)], dim=1)  # one row at a time: the kernel
+    assert torch.allclose(y.float(), y_kernel.float(), rtol=1e-2, atol=1e-2 * y.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [64, 192, 48, 80, 144])
+def test_the_int4_kernel_layout_unpacks_to_its_codes(n):
+    """Whole 64-row blocks take the strided unpack, other heights the permutation: both give the codes back."""
+    codes = torch.randint(0, 16, (n, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(kernels.from_int4_cpu_layout(kernels.to_int4_cpu_layout(codes), n, 96), codes)
 
 
 def test_state_dict_is_the_portable_layout_and_reloads_bit_identical():

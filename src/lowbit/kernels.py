@@ -54,13 +54,38 @@ def _int4_cpu_permutation(n: int, k: int) -> torch.Tensor:
     return perm
 
 
+def _unpack_blocks_of_64(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The layout of whole blocks of 64 rows: per block and input channel, 32 bytes whose low nibbles
+    are rows 0-31 and high nibbles rows 32-63."""
+    blocks = packed.view(n // 64, k, 32)
+    codes = torch.empty(n // 64, 2, 32, k, dtype=torch.uint8, device=packed.device)
+    codes[:, 0] = (blocks & 15).transpose(1, 2)
+    codes[:, 1] = (blocks >> 4).transpose(1, 2)
+    return codes.view(n, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_cpu_blocks_of_64() -> bool:
+    """Whether this torch build lays out 64-row blocks as `_unpack_blocks_of_64` reads them (checked once)."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_unpack_blocks_of_64(to_int4_cpu_layout(codes), 128, 64), codes)
+
+
 def from_int4_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of `to_int4_cpu_layout`: the kernel's packed uint8 -> uint8 codes [N, K]."""
+    """Inverse of `to_int4_cpu_layout`: the kernel's packed uint8 -> uint8 codes [N, K]. Whole 64-row
+    blocks unpack in two strided passes; other heights through the permutation (a scatter)."""
+    if n % 64 == 0 and _int4_cpu_blocks_of_64():
+        return _unpack_blocks_of_64(packed, n, k)
     flat = packed.reshape(-1)
     nibbles = torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)
     codes = torch.empty(n * k, dtype=torch.uint8)
     codes[_int4_cpu_permutation(n, k)] = nibbles
     return codes.view(n, k)
+
+
+# Beyond this many rows (a prompt, not a decode step) torch's int4 kernel is slower than dequantizing the
+# weight (a few passes over it) and one bf16 GEMM: it unpacks the nibbles again for every block of rows
+INT4_CPU_MAX_ROWS = 256
 
 
 def int4_cpu_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_offset: torch.Tensor,
@@ -111,7 +136,7 @@ def onednn_int8_fast() -> bool:
     """Whether oneDNN's int8 GEMM is the faster kernel on this CPU: only with AMX. Without it (AVX512-VNNI
     alone, e.g. AMD EPYC) oneDNN multiplies signed int8 inputs on its reference kernel, hundreds of times
     slower than `torch._int_mm`, and unsigned ones on a VNNI kernel that is still no faster than it
-    (`scripts/kernel_benchmark.py` shows both)."""
+    (`scripts/kernel_benchmark.py`'s "int8 oneDNN u8")."""
     return onednn_int8_available() and torch.cpu._is_amx_tile_supported()
 
 

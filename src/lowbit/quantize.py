@@ -244,15 +244,24 @@ def integer_zero_points(scale_offset: torch.Tensor, bits: int) -> torch.Tensor |
     return zero.to(torch.uint8) if bool(exact.all()) else None
 
 
+DEQUANTIZE_CHUNK = 2 ** 18  # weights dequantized at a time: a 1 MiB float32 buffer
+
+
 def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_features: int,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 codes [out, in_pad] + scale_offset [groups, out, 2] -> W [out, in_features]."""
     dtype = dtype or scale_offset.dtype
+    out_features, padded = codes.shape
     groups = scale_offset.shape[0]
     so = scale_offset.float().transpose(0, 1)  # [out, groups, 2]; evaluated in fp32 as the kernels do
-    t = (codes.float() - 2 ** (bits - 1)).view(codes.shape[0], groups, -1)
-    w = t * so[..., :1] + so[..., 1:]
-    return w.reshape(codes.shape[0], -1)[:, :in_features].to(dtype)
+    weight = torch.empty(out_features, in_features, dtype=dtype, device=codes.device)
+    rows = max(1, DEQUANTIZE_CHUNK // padded)
+    for start in range(0, out_features, rows):  # in float32 chunks that stay in cache, each in place
+        w = codes[start:start + rows].reshape(-1, groups, padded // groups).to(torch.float32, copy=True)
+        chunk = so[start:start + rows]
+        w.sub_(2 ** (bits - 1)).mul_(chunk[..., :1]).add_(chunk[..., 1:])
+        weight[start:start + rows] = w.view(w.shape[0], padded)[:, :in_features]
+    return weight
 
 
 def _check(bits, group_size):
