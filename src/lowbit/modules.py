@@ -17,7 +17,7 @@ Rotation methods switch on two more parts (config, not state: reload rebuilds th
 - `learned_act_clip`: the activation clipping ratio is the persistent float32 buffer `act_clip_ratio`
   instead of ACT_CLIP[act_bits] (Householder checkpoints saved when it learned that ratio still hold one);
 - `act_bits` 4 or 8: the input is quantized per token (symmetric, clipped as ACT_CLIP[act_bits] says)
-  and the product is one int8 GEMM (`kernels.int8_linear`: oneDNN's on CPU, `torch._int_mm` elsewhere)
+  and the product is one int8 GEMM (`kernels.int8_linear`: `torch._int_mm`, or oneDNN's on a CPU with AMX)
   with the weight re-rounded at load onto a per-channel int8 grid (`kernels.int8_channel_weight`, runtime
   buffers beside the packed codes, which stay for saving): layout "int8_channel". Where the product does
   not take the shape (CUDA below 17 tokens), the layer computes the float reference instead,
@@ -303,13 +303,13 @@ class SharedInputProduct:
     the first member called with an input quantizes it, and the others reuse that when called with the
     same, unmodified tensor. Each entry is exact, so results are bit-identical to the members' own.
 
-    Weights laid out for `torch._int_mm` (plain [N, K]: CUDA, or a CPU torch without oneDNN) are stacked:
+    Weights laid out for `torch._int_mm` (plain [N, K]: CUDA, CPUs without AMX, narrow layers) are stacked:
     the first member multiplies the input by all members' weights at once and the others take their
     columns, and the members' `int8_weight`/`int8_scale` become views of the stacked ones (nothing is held
     twice). That pays for a decode step's few rows, where each call's fixed cost dominates; where the
     product would be larger than MAX_ELEMENTS (e.g. a long prompt's gate/up) the members share only the
     input's codes and each runs its own product, whose float32 epilogue stays in cache where the stacked
-    one would not. oneDNN-packed weights (CPU) cannot be views of a stacked one: where any member has
+    one would not. oneDNN-packed weights (CPUs with AMX) cannot be views of a stacked one: where any member has
     one, the members always share the codes only, each with its own product and layout (oneDNN's fixed
     cost per call is small).
 
