@@ -244,7 +244,7 @@ def integer_zero_points(scale_offset: torch.Tensor, bits: int) -> torch.Tensor |
     return zero.to(torch.uint8) if bool(exact.all()) else None
 
 
-DEQUANTIZE_CHUNK = 2 ** 18  # weights dequantized at a time: a 1 MiB float32 buffer
+DEQUANTIZE_CHUNK = 2 ** 18  # weights dequantized at a time on CPU: a 1 MiB float32 buffer that stays in cache
 
 
 def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_features: int,
@@ -255,8 +255,9 @@ def dequantize(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, in_fe
     groups = scale_offset.shape[0]
     so = scale_offset.float().transpose(0, 1)  # [out, groups, 2]; evaluated in fp32 as the kernels do
     weight = torch.empty(out_features, in_features, dtype=dtype, device=codes.device)
-    rows = max(1, DEQUANTIZE_CHUNK // padded)
-    for start in range(0, out_features, rows):  # in float32 chunks that stay in cache, each in place
+    # on CPU in chunks; an accelerator takes the whole weight at once (each chunk would cost launches)
+    rows = max(1, DEQUANTIZE_CHUNK // padded if codes.device.type == "cpu" else out_features)
+    for start in range(0, out_features, rows):  # each chunk in float32, in place
         w = codes[start:start + rows].reshape(-1, groups, padded // groups).to(torch.float32, copy=True)
         chunk = so[start:start + rows]
         w.sub_(2 ** (bits - 1)).mul_(chunk[..., :1]).add_(chunk[..., 1:])
