@@ -84,7 +84,7 @@ def from_int4_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 # Beyond this many rows (a prompt, not a decode step) torch's int4 kernel is slower than dequantizing the
-# weight (a few passes over it) and one bf16 GEMM: it unpacks the nibbles again for every block of rows
+# weight (a few passes over it) and one bf16 GEMM (scripts/kernel_benchmark.py: "int4", "int4 dequant")
 INT4_CPU_MAX_ROWS = 256
 
 
