@@ -36,6 +36,18 @@ def test_a_prompt_runs_on_the_dequantized_weight(bits):
     assert torch.allclose(y.float(), y_kernel.float(), rtol=1e-2, atol=1e-2 * y.abs().max().item())
 
 
+def test_a_prompt_keeps_the_kernel_where_the_weight_would_unpack_slowly(monkeypatch):
+    """48 rows is not whole 64-row blocks: unpacking would go through the permutation, so the kernel
+    stays, and the result is the row-by-row kernel's."""
+    layer = _layer(48, 128, 4, 64)
+    calls = []
+    monkeypatch.setattr(layer, "dequantize_weight", lambda *a: calls.append(a))
+    x = torch.randn(1, kernels.INT4_CPU_MAX_ROWS + 1, 128, dtype=torch.bfloat16)
+    y = layer(x)
+    assert calls == []
+    assert torch.equal(y[:, :3], layer(x[:, :3]))
+
+
 @pytest.mark.parametrize("n", [64, 192, 48, 80, 144])
 def test_the_int4_kernel_layout_unpacks_to_its_codes(n):
     """Whole 64-row blocks take the strided unpack, other heights the permutation: both give the codes back."""

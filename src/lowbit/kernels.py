@@ -71,10 +71,15 @@ def _int4_cpu_blocks_of_64() -> bool:
     return torch.equal(_unpack_blocks_of_64(to_int4_cpu_layout(codes), 128, 64), codes)
 
 
+def int4_cpu_unpacks_fast(n: int) -> bool:
+    """Whether a weight of n rows leaves the kernel layout in two strided passes (whole 64-row blocks)
+    rather than through the permutation (a scatter, and an index of N·K int64 to build)."""
+    return n % 64 == 0 and _int4_cpu_blocks_of_64()
+
+
 def from_int4_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of `to_int4_cpu_layout`: the kernel's packed uint8 -> uint8 codes [N, K]. Whole 64-row
-    blocks unpack in two strided passes; other heights through the permutation (a scatter)."""
-    if n % 64 == 0 and _int4_cpu_blocks_of_64():
+    """Inverse of `to_int4_cpu_layout`: the kernel's packed uint8 -> uint8 codes [N, K]."""
+    if int4_cpu_unpacks_fast(n):
         return _unpack_blocks_of_64(packed, n, k)
     flat = packed.reshape(-1)
     nibbles = torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)
@@ -86,6 +91,12 @@ def from_int4_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # Beyond this many rows (a prompt, not a decode step) torch's int4 kernel is slower than dequantizing the
 # weight (a few passes over it) and one bf16 GEMM (scripts/kernel_benchmark.py: "int4", "int4 dequant")
 INT4_CPU_MAX_ROWS = 256
+
+
+def int4_cpu_dequantizes(rows: int, out_features: int) -> bool:
+    """Whether a product of this many rows dequantizes the weight and runs one float GEMM instead of the
+    int4 kernel: past INT4_CPU_MAX_ROWS, for weights that unpack fast (`int4_cpu_unpacks_fast`)."""
+    return rows > INT4_CPU_MAX_ROWS and int4_cpu_unpacks_fast(out_features)
 
 
 def int4_cpu_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_offset: torch.Tensor,

@@ -239,7 +239,7 @@ class QuantLinear(Int8Runtime):
         return (codes.float() * scale) @ self.dequantize_weight(torch.float32).T
 
     def _int4_cpu_forward(self, x):
-        if x.numel() // x.shape[-1] > kernels.INT4_CPU_MAX_ROWS:  # a prompt: dequantize, then one float GEMM
+        if kernels.int4_cpu_dequantizes(x.numel() // x.shape[-1], self.out_features):  # a prompt: one float GEMM
             return nn.functional.linear(x, self.dequantize_weight(x.dtype))
         k = self.padded_in_features
         if self.bits != 8:
