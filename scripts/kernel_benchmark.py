@@ -19,6 +19,14 @@ kernel reads its weight (GB/s of the weight's bytes):
   its kernels for CPUs without AMX take.
 A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
 reach the memory's bandwidth there is what a quantized model's decode waits on.
+
+A second table times what runs around the int8 products, per input width (the hidden size, read by
+q/k/v/o and gate/up; the MLP width, read by down_proj), on bf16 activations:
+- hadamard: `hadamard.transform_activations` as lowbit runs it (`hadamard.activation_dtype`: bfloat16 for
+  a prompt on a CPU with native bfloat16 GEMMs), and "hadamard f32" the same in float32;
+- householder, householder f32: a 16-reflection `HouseholderRotation` (reflections, then the Hadamard),
+  likewise;
+- act int8, act int4: per-token activation quantization, at 4 bits with its clipping search.
 """
 import argparse
 import json
@@ -72,6 +80,25 @@ def kernels(n: int, k: int, rows: int) -> dict:
     return out
 
 
+def transforms(k: int, rows: int) -> dict:
+    """name -> a call, for activations [rows, k] in bf16."""
+    from lowbit.hadamard import transform_activations
+    from lowbit.modules import HouseholderRotation
+    from lowbit.quantize import quantize_activations
+
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    rotation = HouseholderRotation(16, k)
+    rotation.householder_vectors.normal_()
+    return {
+        "hadamard": lambda: transform_activations(x),
+        "hadamard f32": lambda: transform_activations(x.float()).bfloat16(),
+        "householder": lambda: rotation(x),
+        "householder f32": lambda: rotation(x.float()).bfloat16(),
+        "act int8": lambda: quantize_activations(x, 8, 1.0),
+        "act int4": lambda: quantize_activations(x, 4, None),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-perm")
@@ -95,6 +122,21 @@ def main():
             cells = [f"{seconds[m] * 1e6:.0f} ({calls[m][1] / seconds[m] / 1e9:.1f}; {seconds['bf16'] / seconds[m]:.2f}x)"
                      for m in names]
             print(f"| {rows} | {layer} | {n} x {k} | " + " | ".join(cells) + " |")
+    print("\nAround the products: microseconds per call (x the float32 transform's speed)")
+    widths = {"hidden": layer_shapes(args.model)["q/o"][1], "mlp": layer_shapes(args.model)["down"][1]}
+    names = None
+    for rows in args.rows:
+        for width, k in widths.items():
+            calls = transforms(k, rows)
+            if names is None:
+                names = list(calls)
+                print("| rows | input | width | " + " | ".join(names) + " |")
+                print("|---|---|---|" + "---|" * len(names))
+            with torch.no_grad():
+                seconds = {name: sb.timed(fn, args.repeats) for name, fn in calls.items()}
+            cells = [f"{seconds[m] * 1e6:.0f}" + (f" ({seconds[m + ' f32'] / seconds[m]:.2f}x)" if m + " f32" in calls
+                                                  else "") for m in names]
+            print(f"| {rows} | {width} | {k} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

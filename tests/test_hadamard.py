@@ -59,13 +59,26 @@ def test_transform_spreads_an_outlier():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_activation_transform_is_the_float32_transform_block_by_block(dtype):
+def test_activation_transform_is_the_transform_block_by_block(dtype):
+    """A prompt runs block by block in `activation_dtype` (bfloat16 for a bfloat16 prompt where the CPU has
+    native bfloat16 GEMMs), within bfloat16 rounding of the float32 transform; a decode step in float32."""
     rows = 2 * hadamard.ACTIVATION_ROWS + 5  # blocks, and a partial last one
     x = torch.randn(rows, 3, 576).to(dtype)  # leading dims of any shape
+    compute = hadamard.activation_dtype(x)
+    native = dtype == torch.bfloat16 and hadamard._native_bf16_cpu()
+    assert compute == (torch.bfloat16 if native else torch.float32)
     for inverse in (False, True):
         y = hadamard.transform_activations(x, inverse=inverse)
         assert y.dtype == dtype and y.shape == x.shape
-        assert torch.equal(y, hadamard.hadamard_transform(x.float(), inverse=inverse).to(dtype))
+        blocks = [hadamard.hadamard_transform(b.to(compute), inverse=inverse)
+                  for b in x.reshape(-1, 576).split(hadamard.ACTIVATION_ROWS)]
+        assert torch.equal(y, torch.cat(blocks).to(dtype).view(x.shape))
+        reference = hadamard.hadamard_transform(x.float(), inverse=inverse)
+        assert (y.float() - reference).abs().max() <= 2 ** -6 * reference.abs().max()
+        step = x[:hadamard.BF16_MIN_ROWS // 3 - 1]  # fewer rows than a prompt: float32
+        assert hadamard.activation_dtype(step) == torch.float32
+        assert torch.equal(hadamard.transform_activations(step, inverse=inverse),
+                           hadamard.hadamard_transform(step.float(), inverse=inverse).to(dtype))
     trained = torch.randn(5, 64, requires_grad=True)  # Householder training differentiates through it
     hadamard.transform_activations(trained).pow(2).sum().backward()
     assert torch.allclose(trained.grad, 2 * trained.detach(), atol=1e-5)

@@ -280,3 +280,21 @@ def test_weight_clipping_starts_at_the_search_and_learns():
         householder.output_error(trained(x), linear(x).detach()).backward()
         opt.step()
     assert (trained.clip() - init).abs().max() > 5e-3  # ten steps of lr 1e-3 move a ratio by up to 0.01
+
+
+def test_a_bfloat16_prompt_is_rotated_in_bfloat16_within_its_rounding():
+    """A prompt's rotation runs in `hadamard.activation_dtype` (bfloat16 where the CPU has native bfloat16
+    GEMMs): within bfloat16 rounding of the float32 rotation, which a decode step still runs exactly."""
+    g = torch.Generator().manual_seed(5)
+    d = 192
+    rotation = HouseholderRotation(6, d, dtype=torch.bfloat16)
+    rotation.householder_vectors.copy_(torch.randn(6, d, generator=g))
+    x = (torch.randn(2, 100, d, generator=g) * 3).bfloat16()
+    exact = reflections.rotate(x.float(), rotation.householder_vectors.float())
+    prompt = rotation(x)
+    assert prompt.dtype == torch.bfloat16
+    assert (prompt.float() - exact).abs().max() <= 2 ** -6 * exact.abs().max()
+    if hadamard.activation_dtype(x) == torch.bfloat16:
+        assert not torch.equal(prompt, exact.bfloat16())  # it did take the bfloat16 path
+    step = x[:, :1]
+    assert torch.equal(rotation(step), exact[:, :1].bfloat16())

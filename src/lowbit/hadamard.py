@@ -163,25 +163,44 @@ def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's float32 copies stay this small
+ACTIVATION_ROWS = 256  # rows transformed at once: a prefill's temporaries stay this small
+BF16_MIN_ROWS = 64  # from this many rows (a prompt) a bfloat16 input is transformed in bfloat16, where native
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16_cpu() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype run-time transforms compute in: float32, except for a bfloat16 prompt of at least
+    BF16_MIN_ROWS rows on a CPU with native bfloat16 GEMMs (AVX512-BF16 or AMX). There float32's small
+    matmuls run on MKL, whose generic x86 path (AMD EPYC) makes a prompt's transform cost as much as the
+    int8 product it feeds, and oneDNN's bfloat16 ones are faster (`scripts/kernel_benchmark.py --rows 512`).
+    The factors' products accumulate in float32; what changes is one more bfloat16 rounding between
+    factors, ahead of a quantization step of 1/127 or 1/7 of the token's range. A decode step's few rows
+    stay float32, where small bfloat16 matmuls are the slower ones."""
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= BF16_MIN_ROWS * x.shape[-1]
+            and _native_bf16_cpu()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def in_row_blocks(x: torch.Tensor, transform) -> torch.Tensor:
-    """`transform` (float32 rows [n, d] -> [n, d]) of activations at run time: computed in float32 a block
+    """`transform` (rows [n, d] -> [n, d], in `activation_dtype(x)`) of activations at run time, a block
     of rows at a time, returned in x's dtype. Whole-tensor float32 copies of a long prefill's MLP
     activations would cost several times their size in fresh temporaries; a block's stay small and
     are reused. Row by row the result is the same (each row is transformed on its own)."""
+    dtype = activation_dtype(x)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] <= ACTIVATION_ROWS:
-        return transform(rows.float()).to(x.dtype).view(x.shape)
+        return transform(rows.to(dtype)).to(x.dtype).view(x.shape)
     out = torch.empty_like(rows)
     for start in range(0, rows.shape[0], ACTIVATION_ROWS):
-        out[start:start + ACTIVATION_ROWS] = transform(rows[start:start + ACTIVATION_ROWS].float())
+        out[start:start + ACTIVATION_ROWS] = transform(rows[start:start + ACTIVATION_ROWS].to(dtype))
     return out.view(x.shape)
 
 
 def transform_activations(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """`hadamard_transform` of activations at run time (`in_row_blocks`). Not in bfloat16: that rounds
-    once more, after the first factor, and a decode step's small bfloat16 matmuls run slower than
-    float32 ones."""
+    """`hadamard_transform` of activations at run time (`in_row_blocks`)."""
     return in_row_blocks(x, lambda rows: hadamard_transform(rows, inverse))

@@ -384,24 +384,29 @@ class HouseholderRotation(nn.Module):
     Persistent buffer: `householder_vectors` [k, d] in the compute dtype (Q is orthogonal for any vectors,
     so rounding them changes which rotation is stored, never its orthogonality: the weights it precedes
     are folded with the rounded vectors). The Hadamard is regenerated from d. The WY factors are
-    computed once, in float32, at first use."""
+    computed once, in float32, at first use (V rounded to bfloat16 once for a bfloat16 prompt, which
+    `hadamard.activation_dtype` transforms in bfloat16)."""
 
     def __init__(self, reflections: int, features: int, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
         self.register_buffer("householder_vectors", torch.empty(reflections, features, dtype=dtype, device=device))
-        self._wy = None  # ((vectors, their version), factors): not a buffer, so .to(dtype) leaves it float32
+        self._wy = None  # ((vectors, their version), {dtype: factors}): not a buffer, so .to(dtype) leaves it be
 
-    def _factors(self):
+    def _factors(self, dtype: torch.dtype = torch.float32):
+        """The WY factors for inputs of `dtype`: S in float32, V in `dtype` (rounded from the float32 V)."""
         v = self.householder_vectors
-        if self._wy is not None and torch.compiler.is_compiling():  # a compiled step: the eager steps before set them
-            return self._wy[1]
-        if self._wy is None or self._wy[0][0] is not v or self._wy[0][1] != v._version:
-            self._wy = ((v, v._version), reflections.wy_factors(v.float()))
-        return self._wy[1]
+        if self._wy is None or (not torch.compiler.is_compiling()  # compiled: as the eager steps before set them
+                                and (self._wy[0][0] is not v or self._wy[0][1] != v._version)):
+            self._wy = ((v, v._version), {torch.float32: reflections.wy_factors(v.float())})
+        by_dtype = self._wy[1]
+        if dtype not in by_dtype:
+            unit, s = by_dtype[torch.float32]
+            by_dtype[dtype] = (unit.to(dtype), s)
+        return by_dtype[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v, factors = self.householder_vectors, self._factors()
-        return in_row_blocks(x, lambda rows: reflections.rotate(rows, v, factors=factors))
+        v = self.householder_vectors
+        return in_row_blocks(x, lambda rows: reflections.rotate(rows, v, factors=self._factors(rows.dtype)))
 
     def fold(self, w: torch.Tensor) -> torch.Tensor:
         """Q·w over the last dimension: W·Qᵀ, the weight of a linear reading the rotated input."""

@@ -19,7 +19,8 @@ def wy_factors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors=None) -> torch.Tensor:
     """Q·x for every row x of `x` [..., d] (H_1 first); `inverse`: Qᵀ·x (H_k first). Differentiable in
-    both `x` and `vectors` [k, d]; `factors`: `wy_factors(vectors)` when already computed.
+    both `x` and `vectors` [k, d]; `factors`: `wy_factors(vectors)` when already computed (V may be in x's
+    dtype and S in float32: the products run in x's dtype, the solve in S's).
 
     The k rank-1 updates are applied in their blocked (compact WY) form, so Q·x costs two [*, d]×[d, k]
     products and a k×k triangular solve instead of k sequential updates (and autograd keeps O(k)
@@ -28,9 +29,9 @@ def apply(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors
         return x
     v, s = factors if factors is not None else wy_factors(vectors)
     flat = (x @ v.T).reshape(-1, v.shape[0])
-    # rows: Q·x = x − (x·Vᵀ)·S⁻¹·V (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·Vᵀ)·S⁻ᵀ·V
-    y = torch.linalg.solve_triangular(s.T if inverse else s, flat, upper=not inverse, left=False)
-    return x - (y @ v).reshape(x.shape)
+    # rows: Q·x = x − (x·Vᵀ)·S⁻¹·V (Qᵀ = H_1…H_k) and Qᵀ·x = x − (x·Vᵀ)·S⁻ᵀ·V; the k×k solve in S's dtype
+    y = torch.linalg.solve_triangular(s.T if inverse else s, flat.to(s.dtype), upper=not inverse, left=False)
+    return x - (y.to(x.dtype) @ v).reshape(x.shape)
 
 
 def rotate(x: torch.Tensor, vectors: torch.Tensor, inverse: bool = False, factors=None) -> torch.Tensor:
