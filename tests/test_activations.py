@@ -36,6 +36,16 @@ def test_searched_clip_has_the_least_error_of_the_grid():
     assert torch.equal(Q.quantize_activations(x, 4, None)[0], codes)
 
 
+def test_the_clip_search_gives_each_token_its_own_codes_whatever_the_block():
+    """A wide input is searched in blocks of fewer tokens (ACT_CLIP_ELEMENTS): every token gets what it gets alone."""
+    torch.manual_seed(1)
+    x = (torch.randn(45, 4864) * torch.rand(45, 1) * 3).to(torch.bfloat16)
+    assert Q.ACT_CLIP_ELEMENTS // x.shape[1] < Q.ACT_CLIP_BLOCK < x.shape[0]  # several blocks, a partial last one
+    codes, scale = Q.quantize_activations(x, 4, None)
+    alone = [Q.quantize_activations(row[None], 4, None) for row in x]
+    assert torch.equal(codes, torch.cat([c for c, _ in alone])) and torch.equal(scale, torch.cat([s for _, s in alone]))
+
+
 @pytest.mark.parametrize("bits,clip", [(8, 1.0), (4, 0.9), (4, None)])
 def test_bfloat16_input_quantizes_as_its_float32_copy(bits, clip):
     """The bf16 path divides in float32 by promotion; it must give the codes of the float32 input,

@@ -295,7 +295,9 @@ def quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float | None = 
     return codes.to(torch.int8), scale
 
 
-ACT_CLIP_BLOCK = 32  # tokens whose candidate roundings are held at once: small enough to stay in cache
+# tokens whose candidate roundings are held at once: at most ACT_CLIP_BLOCK, and at most ACT_CLIP_ELEMENTS
+# inputs per block, so that the candidates of a wide input (an MLP-wide down_proj) stay in a core's L2 cache
+ACT_CLIP_BLOCK, ACT_CLIP_ELEMENTS = 32, 2 ** 15
 _CLIP_GRIDS = {}  # device -> ACT_CLIP_GRID [candidates, 1, 1] float32 (a plain dict: constants to torch.compile)
 
 
@@ -309,15 +311,16 @@ def _least_error_codes(x: torch.Tensor, amax: torch.Tensor, qmax: int):
     x2, a2 = x.reshape(-1, x.shape[-1]), amax.reshape(-1, 1)
     codes = torch.empty(x2.shape, dtype=torch.int8, device=x.device)  # each block's winners written in place
     scales = torch.empty(a2.shape, dtype=torch.float32, device=x.device)
-    for start in range(0, x2.shape[0], ACT_CLIP_BLOCK):
-        xb, ab = x2[start:start + ACT_CLIP_BLOCK].float(), a2[start:start + ACT_CLIP_BLOCK]
+    block = max(1, min(ACT_CLIP_BLOCK, ACT_CLIP_ELEMENTS // x2.shape[1]))
+    for start in range(0, x2.shape[0], block):
+        xb, ab = x2[start:start + block].float(), a2[start:start + block]
         scale = (ab * grid / qmax).clamp_min(1e-8)  # [candidates, tokens, 1]
         # in place where it can: two [candidates, tokens, d] temporaries per block, not four
         q = torch.div(xb, scale).round_().clamp_(-qmax - 1, qmax)
         best = torch.mul(q, scale).sub_(xb).pow_(2).sum(-1).argmin(0)  # [tokens]
         tokens = torch.arange(xb.shape[0], device=x.device)
-        codes[start:start + ACT_CLIP_BLOCK] = q[best, tokens]
-        scales[start:start + ACT_CLIP_BLOCK] = scale[best, tokens]
+        codes[start:start + block] = q[best, tokens]
+        scales[start:start + block] = scale[best, tokens]
     return codes.view(x.shape), scales.view(amax.shape)
 
 
