@@ -8,7 +8,8 @@ unless --eager, after an unprofiled warm-up run (the compile). Self CPU time of 
 grouped into:
 - linear kernels: the integer and float products (`_weight_int4pack_mm_for_cpu`, `_int_mm`, mm, ...);
 - attention: the attention kernel and the ops inductor fused into its inputs (the static cache's
-  keys/values read for it);
+  keys/values read for it); with `--attention eager` its matmuls count as linear kernels and its softmax
+  as other kernels;
 - other kernels: norms, rotary embedding, activation quantization, everything else inside the model;
 - graph wrapper: the compiled graph's own Python code that launches its kernels;
 - guards: Dynamo checking, before each step, that the compiled graph still applies;
@@ -56,7 +57,8 @@ def profile_method(model_name: str, method: str, args) -> dict:
     import torch._inductor.config as inductor_config
     inductor_config.cpp.enable_kernel_profile = True  # inductor's kernels appear by name, not as one call
 
-    model = AutoModelForCausalLM.from_pretrained(sb.checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(sb.checkpoint(model_name, method, args), dtype=torch.bfloat16,
+                                                 attn_implementation=args.attention).eval()
     if method.endswith("-int8"):
         from lowbit import arhq
 
@@ -92,6 +94,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="profile eager decode instead of compiled")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                   help="transformers' attention implementation (eager: matmuls and a softmax, fused when compiled)")
     p.add_argument("--calib", default=str(sb.CALIBRATION), help="calibration text (Householder's PCA)")
     p.add_argument("--checkpoints", default=str(sb.CHECKPOINTS), help="where the methods' checkpoints are made once")
     args = p.parse_args()

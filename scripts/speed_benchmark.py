@@ -14,6 +14,9 @@ in a fresh process and measures, at batch 1:
   (transformers' `CompileConfig`), the one-time compile cost recorded beside it;
 - decode after a prefill of each of --contexts tokens, for the methods with a quantized KV cache and bf16;
 - llama.cpp's own Q4_1 of the model (`n_batch=1`), with `--llama` (needs `pip install lowbit[llama]`).
+`--attention eager` loads every model with transformers' eager attention (plain matmuls and a softmax, which a
+compiled step fuses) instead of SDPA's CPU kernel (the default, what `from_pretrained` picks), for the whole
+run: the label's line says which.
 Every figure is a median of --repeats after a warm-up. With `--rounds N` the model's cells run N times,
 round-robin (every method once, then again), and each figure is the median over the rounds: a burst of
 load from elsewhere on the host then disturbs one round's cell, not one method's ratio to bf16.
@@ -120,7 +123,8 @@ def run_cell(model_name: str, method: str, args) -> dict:
     from transformers.generation import CompileConfig
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(model_name, method, args), dtype=torch.bfloat16,
+                                                 attn_implementation=args.attention).eval()
     if method.endswith("-int8"):  # a saved checkpoint's own config wins at reload: switched on after loading
         from lowbit import arhq
 
@@ -269,6 +273,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="run every cell this many times, round-robin; medians")
     p.add_argument("--compile", action="store_true", help="also measure compiled decode (static cache)")
     p.add_argument("--llama", action="store_true", help="also measure llama.cpp's own Q4_1 (decode)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                   help="transformers' attention implementation for every cell (default: sdpa)")
     p.add_argument("--calib", default=str(CALIBRATION), help="calibration text (Householder's PCA)")
     p.add_argument("--checkpoints", default=str(CHECKPOINTS))
     p.add_argument("--out", default=str(ROOT / "results" / "speed"),
@@ -297,9 +303,10 @@ def main():
     label = results["labels"].setdefault(args.label, {})
     label["_meta"] = (f"{datetime.date.today().isoformat()}, {_machine(args.threads)}, lowbit {lowbit.__version__}"
                       f"{_commit(Path(lowbit.__file__).parent)}, torch {torch.__version__}, transformers "
-                      f"{transformers.__version__}")
+                      f"{transformers.__version__}" + (f", {args.attention} attention" if args.attention != "sdpa" else ""))
     passthrough = ["--threads", str(args.threads), "--prefill", str(args.prefill), "--repeats", str(args.repeats),
-                   "--calib", args.calib, "--checkpoints", args.checkpoints, "--contexts", *map(str, args.contexts)]
+                   "--calib", args.calib, "--checkpoints", args.checkpoints, "--attention", args.attention,
+                   "--contexts", *map(str, args.contexts)]
     passthrough += ["--compile"] * args.compile
     for model in args.models:
         if model not in results["models"]:

@@ -16,6 +16,7 @@ CONFIGS = {
     "hqq": lambda: lowbit.HqqConfig(bits=4, group_size=32),
     "quarot-w4a8kv4": lambda: lowbit.QuaRotConfig.from_preset("w4a8kv4", group_size=32),
     "quarot-w4a8kv4-int-mm": lambda: lowbit.QuaRotConfig.from_preset("w4a8kv4", group_size=32),
+    "quarot-w4a8kv4-eager-attention": lambda: lowbit.QuaRotConfig.from_preset("w4a8kv4", group_size=32),
     "quarot-w4a4kv8": lambda: lowbit.QuaRotConfig(bits=4, act_bits=4, kv_bits=8, group_size=32),
     "householder": lambda: lowbit.HouseholderConfig(act_bits=8, group_size=32, weight_quantizer="rtn", steps=2,
                                                     nsamples=2, cali_bsz=1, seqlen=32, calibration=CALIBRATION_TEXTS),
@@ -41,13 +42,17 @@ def test_compiled_decode_generates_what_eager_does(tiny, method, monkeypatch):
     logits of every step whose prefix both runs share are compared; elsewhere the tokens must be the same.
     The reference is eager decode with the same static cache. Int8 layers run on oneDNN's prepacked
     weights where torch has them (every layer of the tiny model, however narrow), "-int-mm" on
-    `torch._int_mm`."""
+    `torch._int_mm`. "-eager-attention": transformers' eager attention (the CPU fast path docs/speed.md
+    recommends) over the packed KV cache."""
     if method.endswith("-int-mm"):
         monkeypatch.setattr(kernels, "pack_int8_weight", lambda weight: weight)
     else:
         monkeypatch.setattr(kernels, "onednn_layout_for", lambda out_features: True)
     torch._dynamo.reset()
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16, quantization_config=CONFIGS[method]())
+    attention = "eager" if method.endswith("-eager-attention") else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16, quantization_config=CONFIGS[method](),
+                                                 attn_implementation=attention)
+    assert model.config._attn_implementation == attention
     ids = torch.randint(3, 80, (1, 8), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True,
               return_dict_in_generate=True)
