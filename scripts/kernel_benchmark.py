@@ -109,9 +109,10 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"{args.model}, {sb._machine(args.threads)}: microseconds per product "
           f"(GB/s of weight read; x bf16)")
+    shapes = layer_shapes(args.model)
     names = None
     for rows in args.rows:
-        for layer, (n, k) in layer_shapes(args.model).items():
+        for layer, (n, k) in shapes.items():
             calls = kernels(n, k, rows)
             if names is None:
                 names = list(calls)
@@ -123,7 +124,7 @@ def main():
                      for m in names]
             print(f"| {rows} | {layer} | {n} x {k} | " + " | ".join(cells) + " |")
     print("\nAround the products: microseconds per call (x the float32 transform's speed)")
-    widths = {"hidden": layer_shapes(args.model)["q/o"][1], "mlp": layer_shapes(args.model)["down"][1]}
+    widths = {"hidden": shapes["q/o"][1], "mlp": shapes["down"][1]}
     names = None
     for rows in args.rows:
         for width, k in widths.items():
