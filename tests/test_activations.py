@@ -87,6 +87,21 @@ def test_integer_path_against_fake_quant_reference(w_bits, a_bits, group, m):
     assert ((y_int - x_ref @ w_ref.T).abs() <= bound * (1 + 1e-4) + 1e-6).all()
 
 
+@pytest.mark.parametrize("m", [1, kernels.EPILOGUE_ROWS, 3 * kernels.EPILOGUE_ROWS + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_product_epilogue_in_row_blocks_equals_whole(m, dtype):
+    """A prompt's epilogue, run EPILOGUE_ROWS rows at a time: the whole product's float32 result rounded to
+    `dtype`, bit for bit (sums large enough that their float32 conversion rounds), the last block partial."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 96, 320
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    codes = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w_scale, scale = torch.rand(n, generator=g) + 0.5, torch.rand(m, 1, generator=g) + 0.5
+    whole = (codes.double() @ w8.double().T).float().mul_(scale).mul_(w_scale)
+    y = kernels.int8_linear(codes, scale, w8, w_scale, dtype=dtype)
+    assert y.dtype == dtype and torch.equal(y, whole.to(dtype))
+
+
 @pytest.mark.skipif(not kernels.onednn_int8_available(), reason="this torch build has no oneDNN int8 GEMM")
 @pytest.mark.parametrize("m,n,k", [(1, 512, 256), (3, 640, 96), (600, 512, 448)])
 def test_onednn_layout_gives_the_same_product_as_int_mm(m, n, k, monkeypatch):

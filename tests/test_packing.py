@@ -36,3 +36,14 @@ def test_int4_cpu_layout_roundtrip(n, k):
     packed = kernels.to_int4_cpu_layout(codes)
     assert packed.shape == (n, k // 2)
     assert torch.equal(kernels.from_int4_cpu_layout(packed, n, k), codes)
+
+
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_unpack_into_writes_what_unpack_returns(bits, dtype):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 5, 48), dtype=torch.uint8, generator=g)
+    packed = packing.pack(codes, bits)
+    out = torch.full(codes.shape, -1, dtype=dtype)
+    assert packing.unpack_into(packed, bits, out) is out
+    assert torch.equal(out, codes.to(dtype))

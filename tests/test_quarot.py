@@ -145,6 +145,34 @@ def test_kv_cache_memory_is_the_packed_size(bits):
     assert cache.nbytes() <= bf16 * (0.29 if bits == 4 else 0.54)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_cache_appends_in_place_and_dequantizes_into_its_scratch(bits):
+    """Decode steps write their token into buffers grown CAPACITY_BLOCK tokens at a time (no copy of the
+    cache per step) and dequantize into the cache's scratch: the same codes as quantizing every token at
+    once, and bit for bit the states a fresh dequantization gives."""
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 1, 2, kvcache.CAPACITY_BLOCK + 40, 64, dtype=torch.bfloat16, generator=g).unbind(0)
+    cache = kvcache.QuantizedKVCache(num_layers=2, bits=bits)
+    layer = cache.layers[0]
+    prompt = kvcache.CAPACITY_BLOCK - 8
+    cache.update(k[:, :, :prompt], v[:, :, :prompt], 0)
+    addresses = set()
+    for t in range(prompt, k.shape[2]):
+        keys, values = cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0)
+        addresses.add(layer.stored["codes"].data_ptr())
+        fresh = layer._dequantize(layer.stored)
+        assert torch.equal(keys, fresh[0]) and torch.equal(values, fresh[1])
+    assert len(addresses) == 2  # one buffer per CAPACITY_BLOCK tokens
+    whole = kvcache.QuantizedKVCache(num_layers=1, bits=bits).layers[0]
+    whole.update(k, v)
+    assert all(torch.equal(layer.stored[n], whole.stored[n]) for n in ("codes", "scale_offset"))
+    held = sum(t.numel() * t.element_size() for t in layer.stored.values())  # the tokens' own bytes
+    assert layer.nbytes() == held * 2 * kvcache.CAPACITY_BLOCK // k.shape[2]  # as allocated: two blocks
+    # the scratch is the cache's: another layer's update overwrites what the first returned
+    other, _ = cache.update(k, v, 1)
+    assert other.data_ptr() == keys.data_ptr()
+
+
 def test_kv_cache_batch_operations_follow_the_batch():
     """Keys and values are stored stacked ahead of the batch: beam search's reorder, select and repeat must
     act on the batch, not on the keys/values axis."""

@@ -200,15 +200,29 @@ def _(codes, packed, out_features):
     return codes.new_empty(codes.shape[0], out_features, dtype=torch.float32)
 
 
+# rows of a prompt's int32 products converted and scaled at a time: the float32 block stays in a core's
+# cache between the two multiplies and the cast, where the whole product's would not
+EPILOGUE_ROWS = 64
+
+
 def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                packed: bool = False) -> torch.Tensor:
-    """Q(x) @ Wᵀ in float32 for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
+                packed: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Q(x) @ Wᵀ in `dtype` for int8 activations (codes [M, K], a float32 scale per row [M, 1]) and an
     `int8_channel_weight` [N, K] (`packed`: as `pack_int8_weight` laid it out for oneDNN; said by the
     caller, since torch.compile's stand-in for an opaque tensor does not say so): exact int32 dot products
-    times the two scales, in that order (the same float32 result from either kernel). After
-    `torch._int_mm` the first multiply converts the int32 products, as `.float()` would, without a float32
-    copy of its own; oneDNN returns them converted."""
+    times the two scales, in that order, in float32, then rounded to `dtype` (the same result from either
+    kernel). After `torch._int_mm` the first multiply converts the int32 products, as `.float()` would,
+    without a float32 copy of its own, EPILOGUE_ROWS rows at a time on a prompt (eager); oneDNN returns
+    them converted."""
     if packed:
         mm = _onednn_int8_mm_op if torch.compiler.is_compiling() else _onednn_int8_mm
-        return mm(x_codes, w_int8, w_scale.shape[0]).mul_(x_scale).mul_(w_scale)
-    return torch.mul(torch._int_mm(x_codes, w_int8.t()), x_scale).mul_(w_scale)
+        return mm(x_codes, w_int8, w_scale.shape[0]).mul_(x_scale).mul_(w_scale).to(dtype)
+    products = torch._int_mm(x_codes, w_int8.t())
+    rows = products.shape[0]
+    if rows <= EPILOGUE_ROWS or torch.compiler.is_compiling():  # compiled: inductor fuses the epilogue
+        return torch.mul(products, x_scale).mul_(w_scale).to(dtype)
+    out = products.new_empty(products.shape, dtype=dtype)
+    for start in range(0, rows, EPILOGUE_ROWS):
+        block = slice(start, start + EPILOGUE_ROWS)
+        out[block] = torch.mul(products[block], x_scale[block]).mul_(w_scale)
+    return out

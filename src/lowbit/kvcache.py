@@ -16,9 +16,11 @@ Values need no run-time rotation: `rotation.rotate_values` already rotated v_pro
 `install(model, bits, rotate_keys)` makes every forward of the model use such a cache: `generate`
 (whose default empty DynamicCache is swapped for one, and an empty StaticCache for a static one of the
 same length), and calls without a cache, which get a throwaway one so that they quantize the same way.
-The static layers (`StaticQuantizedKVLayer`) preallocate the packed codes and write each step in place:
-shapes never change, so `torch.compile` (`generate(..., cache_implementation="static")`) compiles the
-decode step once.
+The dynamic layers (`QuantizedKVLayer`) append to buffers grown CAPACITY_BLOCK tokens at a time, and
+dequantize into scratch buffers their cache's layers share (`DequantizedScratch`), so that an eager decode
+step neither copies nor allocates anything the size of the cache. The static layers
+(`StaticQuantizedKVLayer`) preallocate the packed codes and write each step in place: shapes never change,
+so `torch.compile` (`generate(..., cache_implementation="static")`) compiles the decode step once.
 """
 import inspect
 
@@ -35,6 +37,33 @@ KEY_CENTRE_POSITIONS = 4096
 # QuaRot's clipping ratio for 4-bit keys and values; at 8 bits clipping costs more than it saves
 # (8 bits resolve the range without it, and the clipped outliers are what attention attends to)
 KV_CLIP = {4: 0.95, 8: 1.0}
+# Tokens a dynamic layer's packed buffers (and the dequantized scratch) grow by: a decode step writes its
+# token in place instead of concatenating the whole cache, at most this many tokens allocated unused
+CAPACITY_BLOCK = 256
+
+
+def _capacity(tokens: int) -> int:
+    return -(-tokens // CAPACITY_BLOCK) * CAPACITY_BLOCK
+
+
+class DequantizedScratch:
+    """The buffers a dynamic cache's layers dequantize into, shared by its layers (one layer's keys and
+    values in the compute dtype, whatever the cache's length): attention reads a layer's states before the
+    next layer's update overwrites them, and a decode step allocates nothing the size of the cache (freed
+    and re-faulted every step otherwise: several times the dequantization itself on a long context)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous [*shape] tensor of `name`'s buffer, grown (tokens: shape[-2]) by CAPACITY_BLOCK."""
+        shape = torch.Size(shape)
+        numel = shape.numel()
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            capacity = numel // max(shape[-2], 1) * _capacity(shape[-2])
+            buffer = self.buffers[name] = torch.empty(capacity, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
 
 def quantize_states(x: torch.Tensor, bits: int):
@@ -44,13 +73,19 @@ def quantize_states(x: torch.Tensor, bits: int):
     return packing.pack(q.to(torch.uint8), bits), torch.stack([scale, offset], -1).to(x.dtype)
 
 
-def dequantize_states(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inverse of `quantize_states`, computed in float32 and returned in `dtype` (default: the scales')."""
+def dequantize_states(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int, dtype: torch.dtype | None = None,
+                      out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `quantize_states`, computed in float32 (in `work`, if given) and returned in `dtype`
+    (default: the scales'), or written into `out`. In-place passes over a float32 copy of the codes: on
+    CPU a broadcast multiply-add of integer codes converts them more slowly than a copy does, and 4-bit
+    codes are written to their places as they are converted (`packing.unpack_into`)."""
     so = scale_offset.float()
     scale, offset = so[..., :1], so[..., 1:] - 2 ** (bits - 1) * so[..., :1]  # the codes' midpoint folded in
-    x = torch.addcmul(offset, packing.unpack(codes, bits).float(), scale)
-    return x.to(dtype or scale_offset.dtype)
+    if work is None:
+        work = torch.empty((*codes.shape[:-1], codes.shape[-1] * 8 // bits), dtype=torch.float32, device=codes.device)
+    x = packing.unpack_into(codes, bits, work)
+    x.mul_(scale).add_(offset)
+    return x.to(dtype or scale_offset.dtype) if out is None else out.copy_(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -129,10 +164,18 @@ class _KeyMap:
                                               self.bits)
         return {"codes": codes, "scale_offset": scale_offset}
 
-    def _dequantize(self, stored: dict):
-        keys, values = dequantize_states(stored["codes"], stored["scale_offset"], self.bits, self.dtype)
+    def _dequantize(self, stored: dict, scratch: DequantizedScratch | None = None):
+        """The keys and values `stored` holds, in the compute dtype: new tensors, or views of `scratch`."""
+        codes, scale_offset = stored["codes"], stored["scale_offset"]
+        states = work = None
+        if scratch is not None:
+            shape = (*codes.shape[:-1], codes.shape[-1] * 8 // self.bits)
+            states = scratch.get("states", shape, self.dtype, codes.device)
+            work = scratch.get("float32", shape, torch.float32, codes.device)
+        keys, values = dequantize_states(codes, scale_offset, self.bits, self.dtype, out=states, work=work)
         if self.key_restore is not None:
-            keys = torch.matmul(keys, self.key_restore).add_(self.key_centre)
+            restored = None if scratch is None else scratch.get("keys", keys.shape, self.dtype, keys.device)
+            keys = torch.matmul(keys, self.key_restore, out=restored).add_(self.key_centre)
         return keys, values
 
     def _normalise_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -146,14 +189,17 @@ class _KeyMap:
 
 
 class QuantizedKVLayer(_KeyMap, DynamicLayer):
-    """One decoder layer's packed keys and values, [2, batch, kv_heads, tokens, ·] (keys first), growing by
-    concatenation."""
+    """One decoder layer's packed keys and values, [2, batch, kv_heads, tokens, ·] (keys first), appended in
+    place to buffers grown CAPACITY_BLOCK tokens at a time. `scratch`: where update dequantizes (the
+    cache's `DequantizedScratch`; None: new tensors)."""
 
-    def __init__(self, bits: int, rotate_keys: bool, key_stats=None):
+    def __init__(self, bits: int, rotate_keys: bool, key_stats=None, scratch: DequantizedScratch | None = None):
         super().__init__()
         self._init_keys(bits, rotate_keys, key_stats)
         self.cumulative_length = 0
-        self.stored = None  # {"codes": packed codes, "scale_offset": their scale/offset}
+        self.stored = None  # {"codes": packed codes, "scale_offset": their scale/offset}: the tokens so far
+        self._buffers = None  # what `stored` views, with room for more tokens (None: `stored` is all there is)
+        self._scratch = scratch
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
@@ -162,26 +208,39 @@ class QuantizedKVLayer(_KeyMap, DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = self._quantize(key_states, value_states)
-        if self.stored is None:
-            self.stored = new
-        else:
-            self.stored = {name: torch.cat([self.stored[name], t], dim=-2) for name, t in new.items()}
+        self._append(self._quantize(key_states, value_states))
         self.cumulative_length += key_states.shape[-2]
-        return self._dequantize(self.stored)
+        scratch = None if torch.compiler.is_compiling() else self._scratch
+        return self._dequantize(self.stored, scratch)
+
+    def _append(self, new: dict) -> None:
+        length = 0 if self.stored is None else self.stored["codes"].shape[-2]
+        total = length + new["codes"].shape[-2]
+        buffers = self._buffers
+        if buffers is None or buffers["codes"].shape[-2] < total or any(
+                b.shape[:-2] != t.shape[:-2] for b, t in zip(buffers.values(), new.values())):
+            buffers = {name: t.new_empty(*t.shape[:-2], _capacity(total), t.shape[-1]) for name, t in new.items()}
+            if self.stored is not None:
+                for name, t in self.stored.items():
+                    buffers[name][..., :length, :] = t
+            self._buffers = buffers
+        for name, t in new.items():
+            buffers[name][..., length:total, :] = t
+        self.stored = {name: b[..., :total, :] for name, b in buffers.items()}
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
-    def nbytes(self) -> int:  # the key statistics belong to the model's layer, not to the tokens
-        return sum(t.numel() * t.element_size() for t in (self.stored or {}).values())
+    def nbytes(self) -> int:  # as allocated; the key statistics belong to the model's layer, not to the tokens
+        return sum(t.numel() * t.element_size() for t in (self._buffers or self.stored or {}).values())
 
     def _map(self, fn):
         if self.stored is not None:
             self.stored = {name: fn(t) for name, t in self.stored.items()}
+            self._buffers = None  # the next append copies them into new buffers
 
     def reset(self):
-        self.stored, self.cumulative_length, self.is_initialized = None, 0, False
+        self.stored, self._buffers, self.cumulative_length, self.is_initialized = None, None, 0, False
 
     def reorder_cache(self, beam_idx):  # dim 1: the batch (dim 0 is keys/values)
         self._map(lambda t: t.index_select(1, beam_idx.to(t.device)))
@@ -205,9 +264,11 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
     (transformers' StaticLayer with packed storage): every step dequantizes the whole buffer, a fixed
     shape, the positions not yet written masked by attention."""
 
-    def __init__(self, max_cache_len: int, bits: int, rotate_keys: bool, key_stats=None):
+    def __init__(self, max_cache_len: int, bits: int, rotate_keys: bool, key_stats=None,
+                 scratch: DequantizedScratch | None = None):
         super().__init__(max_cache_len)
         self._init_keys(bits, rotate_keys, key_stats)
+        self._scratch = scratch  # eager steps only: a compiled step's buffers are inductor's
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
@@ -228,7 +289,7 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
         self.cumulative_length.add_(key_states.shape[-2])
         for name, t in self._quantize(key_states, value_states).items():
             self.stored[name].index_copy_(3, positions, t)
-        return self._dequantize(self.stored)
+        return self._dequantize(self.stored, None if torch.compiler.is_compiling() else self._scratch)
 
     def nbytes(self) -> int:  # the buffers as allocated, for max_cache_len tokens
         return sum(t.numel() * t.element_size() for t in self.stored.values()) if self.is_initialized else 0
@@ -245,10 +306,11 @@ class QuantizedKVCache(Cache):
         if key_stats is not None and len(key_stats) != num_layers:
             raise ValueError(f"key_stats must hold one (centre, scale) per layer: {len(key_stats)} for {num_layers}")
         stats = [None if key_stats is None else key_stats[i] for i in range(num_layers)]
+        scratch = DequantizedScratch()
         if max_cache_len is None:
-            layers = [QuantizedKVLayer(bits, rotate_keys, s) for s in stats]
+            layers = [QuantizedKVLayer(bits, rotate_keys, s, scratch) for s in stats]
         else:
-            layers = [StaticQuantizedKVLayer(max_cache_len, bits, rotate_keys, s) for s in stats]
+            layers = [StaticQuantizedKVLayer(max_cache_len, bits, rotate_keys, s, scratch) for s in stats]
         super().__init__(layers=layers)
         self.bits, self.key_stats = bits, key_stats
 

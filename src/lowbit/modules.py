@@ -277,7 +277,7 @@ def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_sc
     codes, scale = codes or module._input_codes(x2)
     out_features = int8_scale.shape[0]  # one scale per output channel, whatever the weight's layout
     if kernels.int8_mm_supported(x2.shape[0], module.in_features, out_features, x.device):
-        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale, module.int8_packed)
+        y = kernels.int8_linear(codes, scale, int8_weight, int8_scale, module.int8_packed, x.dtype)
     else:
         if not module._warned_fallback:
             logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing %s", module.extra_repr(),

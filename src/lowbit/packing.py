@@ -40,19 +40,35 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
 
 
+def _byte_codes(packed: torch.Tensor, bits: int) -> list:
+    """At 2 and 4 bits (whole codes per byte), each byte's codes in order, shifted out in uint8."""
+    mask = (1 << bits) - 1
+    codes = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8 - bits, bits)]
+    return codes + [packed >> (8 - bits)]  # the top code: the shift leaves nothing else
+
+
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: packed uint8 [..., m] -> uint8 codes [..., m*8/bits]."""
     if bits == 8:
         return packed
     per_word = _codes_per_word(bits)
     nbytes = bits * per_word // 8
-    if nbytes == 1:  # 2 and 4 bits: whole codes per byte, shifted out in uint8 (a quarter of the int32 traffic)
-        mask = (1 << bits) - 1
-        codes = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
-        return torch.stack(codes, -1).reshape(*packed.shape[:-1], -1)
+    if nbytes == 1:  # 2 and 4 bits (a quarter of the int32 path's traffic)
+        return torch.stack(_byte_codes(packed, bits), -1).reshape(*packed.shape[:-1], -1)
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8
     word = (b << byte_shifts).sum(-1, dtype=torch.int32)
     shifts = torch.arange(per_word, dtype=torch.int32, device=b.device) * bits
     codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """`unpack` written into `out` (any dtype, contiguous, [..., m*8/bits]): at 2 and 4 bits each byte's
+    codes go straight to their strided places, converted on the way, without an unpacked uint8 copy."""
+    if bits in (2, 4):
+        places = out.view(*packed.shape, 8 // bits)
+        for j, codes in enumerate(_byte_codes(packed, bits)):
+            places[..., j] = codes
+        return out
+    return out.copy_(unpack(packed, bits))
