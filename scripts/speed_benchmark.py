@@ -244,12 +244,16 @@ def table(results: dict) -> str:
         if kv:
             contexts = sorted({int(k.rsplit("_", 1)[1]) for _, _, c in kv for k in c
                                if k.startswith("decode_tok_s_at_")})
-            lines += ["", "Decode tokens/s after a long prefill (context tokens):", "",
+            lines += ["", "Decode tokens/s after a long prefill (context tokens; × bf16 of the same label):", "",
                       "| label | method | " + " | ".join(str(c) for c in contexts) + " |",
                       "|---|---|" + "---|" * len(contexts)]
             for lab, m, c in kv:
-                lines.append(f"| {lab} | {m} | " + " | ".join(f"{c.get(f'decode_tok_s_at_{n}', float('nan')):.1f}"
-                                                             for n in contexts) + " |")
+                row = []
+                for n in contexts:
+                    key = f"decode_tok_s_at_{n}"
+                    ratio = "" if m == "bf16" else f" ({_ratio(c, cells[lab].get('bf16'), key)})"
+                    row.append(f"{c[key]:.1f}{ratio}" if key in c else "–")
+                lines.append(f"| {lab} | {m} | " + " | ".join(row) + " |")
         lines.append("")
     meta = "; ".join(f"{lab}: {v['_meta']}" for lab, v in results["labels"].items())
     return "\n".join(lines) + f"\nMeasured: {meta}.\n"
@@ -279,7 +283,7 @@ def main():
     p.add_argument("--checkpoints", default=str(CHECKPOINTS))
     p.add_argument("--out", default=str(ROOT / "results" / "speed"),
                    help="the results folder; docs/speed.md is rewritten only from results/speed")
-    p.add_argument("--report", action="store_true", help="only rewrite the docs table from OUT/results.json")
+    p.add_argument("--report", action="store_true", help="only rewrite the docs table from OUT/results.json (print it, for a scratch OUT)")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
@@ -290,8 +294,12 @@ def main():
     out = Path(args.out)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"models": [], "labels": {}}
+    scratch = out.resolve() != (ROOT / "results" / "speed").resolve()  # a run elsewhere is a scratch run
     if args.report:
-        write_doc(results)
+        if scratch:
+            print(table(results))
+        else:
+            write_doc(results)
         return
     for m in args.methods:
         if m != "bf16":
@@ -326,7 +334,7 @@ def main():
         label[model] = [c for c in label.get(model, []) if c["method"] not in done] + cells
         out.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1) + "\n")
-    if out.resolve() == (ROOT / "results" / "speed").resolve():  # a run elsewhere is a scratch run
+    if not scratch:
         write_doc(results)
     print(table(results))
 
