@@ -27,11 +27,16 @@ def packed_width(n: int, bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., n] with values < 2**bits -> packed uint8 [..., n*bits/8]."""
     packed_width(codes.shape[-1], bits)
-    c = codes.to(torch.int32)
     if bits == 8:
         return codes.to(torch.uint8)
     per_word = _codes_per_word(bits)  # codes per little-endian word of `bits*per_word` bits
-    c = c.reshape(*c.shape[:-1], -1, per_word)
+    if per_word * bits == 8:  # 2 and 4 bits: whole codes per byte, or'd together in uint8
+        c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_word)
+        out = c[..., 0].clone()
+        for j in range(1, per_word):
+            out |= c[..., j] << (bits * j)
+        return out
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_word)
     shifts = torch.arange(per_word, dtype=torch.int32, device=c.device) * bits
     word = (c << shifts).sum(-1, dtype=torch.int32)
     nbytes = bits * per_word // 8
