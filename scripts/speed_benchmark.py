@@ -283,7 +283,8 @@ def main():
     p.add_argument("--checkpoints", default=str(CHECKPOINTS))
     p.add_argument("--out", default=str(ROOT / "results" / "speed"),
                    help="the results folder; docs/speed.md is rewritten only from results/speed")
-    p.add_argument("--report", action="store_true", help="only rewrite the docs table from OUT/results.json (print it, for a scratch OUT)")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite the docs table from OUT/results.json (print it, for a scratch OUT)")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:

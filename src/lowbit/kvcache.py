@@ -66,6 +66,11 @@ class DequantizedScratch:
         return buffer[:numel].view(shape)
 
 
+def _states_shape(codes: torch.Tensor, bits: int) -> tuple:
+    """The shape of the states that packed `codes` hold."""
+    return (*codes.shape[:-1], codes.shape[-1] * 8 // bits)
+
+
 def quantize_states(x: torch.Tensor, bits: int):
     """[..., head_dim] -> packed uint8 codes [..., head_dim·bits/8] and scale/offset [..., 2] (x.dtype)."""
     xf = x.float()
@@ -82,7 +87,7 @@ def dequantize_states(codes: torch.Tensor, scale_offset: torch.Tensor, bits: int
     so = scale_offset.float()
     scale, offset = so[..., :1], so[..., 1:] - 2 ** (bits - 1) * so[..., :1]  # the codes' midpoint folded in
     if work is None:
-        work = torch.empty((*codes.shape[:-1], codes.shape[-1] * 8 // bits), dtype=torch.float32, device=codes.device)
+        work = torch.empty(_states_shape(codes, bits), dtype=torch.float32, device=codes.device)
     x = packing.unpack_into(codes, bits, work)
     x.mul_(scale).add_(offset)
     return x.to(dtype or scale_offset.dtype) if out is None else out.copy_(x)
@@ -136,8 +141,14 @@ class _KeyMap:
     dynamic and the static layer. `key_stats`: the (centre, scale) of `key_statistics` for this layer,
     or None to quantize the keys as they are."""
 
-    def _init_keys(self, bits: int, rotate_keys: bool, key_stats):
+    def _init_keys(self, bits: int, rotate_keys: bool, key_stats, scratch: DequantizedScratch | None):
         self.bits, self.rotate_keys, self.key_stats = bits, rotate_keys, key_stats
+        self._scratch = scratch
+
+    def _step_scratch(self) -> DequantizedScratch | None:
+        """Where an update dequantizes: the cache's scratch in eager steps; a compiled step's buffers are
+        inductor's."""
+        return None if torch.compiler.is_compiling() else self._scratch
 
     def _place_key_stats(self, key_states):
         """Take the dtype and device of the first states; the key statistics move there, and the inverse
@@ -169,7 +180,7 @@ class _KeyMap:
         codes, scale_offset = stored["codes"], stored["scale_offset"]
         states = work = None
         if scratch is not None:
-            shape = (*codes.shape[:-1], codes.shape[-1] * 8 // self.bits)
+            shape = _states_shape(codes, self.bits)
             states = scratch.get("states", shape, self.dtype, codes.device)
             work = scratch.get("float32", shape, torch.float32, codes.device)
         keys, values = dequantize_states(codes, scale_offset, self.bits, self.dtype, out=states, work=work)
@@ -195,11 +206,10 @@ class QuantizedKVLayer(_KeyMap, DynamicLayer):
 
     def __init__(self, bits: int, rotate_keys: bool, key_stats=None, scratch: DequantizedScratch | None = None):
         super().__init__()
-        self._init_keys(bits, rotate_keys, key_stats)
+        self._init_keys(bits, rotate_keys, key_stats, scratch)
         self.cumulative_length = 0
         self.stored = None  # {"codes": packed codes, "scale_offset": their scale/offset}: the tokens so far
         self._buffers = None  # what `stored` views, with room for more tokens (None: `stored` is all there is)
-        self._scratch = scratch
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
@@ -210,8 +220,7 @@ class QuantizedKVLayer(_KeyMap, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._append(self._quantize(key_states, value_states))
         self.cumulative_length += key_states.shape[-2]
-        scratch = None if torch.compiler.is_compiling() else self._scratch
-        return self._dequantize(self.stored, scratch)
+        return self._dequantize(self.stored, self._step_scratch())
 
     def _append(self, new: dict) -> None:
         length = 0 if self.stored is None else self.stored["codes"].shape[-2]
@@ -267,8 +276,7 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
     def __init__(self, max_cache_len: int, bits: int, rotate_keys: bool, key_stats=None,
                  scratch: DequantizedScratch | None = None):
         super().__init__(max_cache_len)
-        self._init_keys(bits, rotate_keys, key_stats)
-        self._scratch = scratch  # eager steps only: a compiled step's buffers are inductor's
+        self._init_keys(bits, rotate_keys, key_stats, scratch)
 
     def lazy_initialization(self, key_states, value_states):
         self._place_key_stats(key_states)
@@ -289,7 +297,7 @@ class StaticQuantizedKVLayer(_KeyMap, StaticLayer):
         self.cumulative_length.add_(key_states.shape[-2])
         for name, t in self._quantize(key_states, value_states).items():
             self.stored[name].index_copy_(3, positions, t)
-        return self._dequantize(self.stored, None if torch.compiler.is_compiling() else self._scratch)
+        return self._dequantize(self.stored, self._step_scratch())
 
     def nbytes(self) -> int:  # the buffers as allocated, for max_cache_len tokens
         return sum(t.numel() * t.element_size() for t in self.stored.values()) if self.is_initialized else 0

@@ -283,8 +283,8 @@ def _integer_product(module, x: torch.Tensor, int8_weight: torch.Tensor, int8_sc
             logger.info("%s: torch._int_mm does not take %d x %d x %d on %s; computing %s", module.extra_repr(),
                         x2.shape[0], module.in_features, out_features, x.device, module.FALLBACK)
             module._warned_fallback = True
-        y = module._float_product(codes, scale, int8_weight, int8_scale)
-    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        y = module._float_product(codes, scale, int8_weight, int8_scale).to(x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 def _int8_product(module, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,12 @@ def _codes_per_word(bits: int) -> int:
     return 8 if bits == 3 else 8 // bits
 
 
+def _whole_codes_per_byte(bits: int) -> bool:
+    """2 and 4 bits: several codes per byte and none straddling one, so packing is a few uint8 shifts (the
+    int32 word path's traffic is four times that)."""
+    return bits in (2, 4)
+
+
 def packed_width(n: int, bits: int) -> int:
     """Bytes per row holding `n` codes of `bits` bits."""
     if n % _codes_per_word(bits):
@@ -30,7 +36,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
     per_word = _codes_per_word(bits)  # codes per little-endian word of `bits*per_word` bits
-    if per_word * bits == 8:  # 2 and 4 bits: whole codes per byte, or'd together in uint8
+    if _whole_codes_per_byte(bits):  # or'd together in uint8
         c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_word)
         out = c[..., 0].clone()
         for j in range(1, per_word):
@@ -46,7 +52,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _byte_codes(packed: torch.Tensor, bits: int) -> list:
-    """At 2 and 4 bits (whole codes per byte), each byte's codes in order, shifted out in uint8."""
+    """Each byte's codes in order, shifted out in uint8 (`_whole_codes_per_byte` widths)."""
     mask = (1 << bits) - 1
     codes = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8 - bits, bits)]
     return codes + [packed >> (8 - bits)]  # the top code: the shift leaves nothing else
@@ -56,10 +62,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: packed uint8 [..., m] -> uint8 codes [..., m*8/bits]."""
     if bits == 8:
         return packed
+    if _whole_codes_per_byte(bits):
+        return torch.stack(_byte_codes(packed, bits), -1).reshape(*packed.shape[:-1], -1)
     per_word = _codes_per_word(bits)
     nbytes = bits * per_word // 8
-    if nbytes == 1:  # 2 and 4 bits (a quarter of the int32 path's traffic)
-        return torch.stack(_byte_codes(packed, bits), -1).reshape(*packed.shape[:-1], -1)
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int32, device=b.device) * 8
     word = (b << byte_shifts).sum(-1, dtype=torch.int32)
@@ -71,7 +77,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
     """`unpack` written into `out` (any dtype, contiguous, [..., m*8/bits]): at 2 and 4 bits each byte's
     codes go straight to their strided places, converted on the way, without an unpacked uint8 copy."""
-    if bits in (2, 4):
+    if _whole_codes_per_byte(bits):
         places = out.view(*packed.shape, 8 // bits)
         for j, codes in enumerate(_byte_codes(packed, bits)):
             places[..., j] = codes
