@@ -192,3 +192,129 @@ def test_int8_codes_are_the_nvfp4_values_rounded_onto_each_tokens_int8_grid():
     # each code is the nearest one to its NVFP4 value (ties aside: within half a step plus float rounding)
     assert ((codes.float() * scale - nvfp4_values).abs() <= scale * (0.5 + 1e-5)).all()
     assert not torch.equal(codes.float() * scale, nvfp4_values)  # a re-rounding, not the NVFP4 values
+
+
+# lowbit's CPU kernel (csrc/nvfp4_cpu.cpp): the product of a decode step and the dequantization
+
+def _random_weight(n: int, k: int, seed: int = 0):
+    """Every code byte and every finite E4M3 scale byte (NaN's two bytes replaced) where the weight [n, k]
+    holds that many."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[:codes.numel()]
+    scale_bytes = torch.randint(0, 256, (n, k // 16), dtype=torch.uint8, generator=g)
+    scale_bytes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[:scale_bytes.numel()]
+    scale_bytes[(scale_bytes & 0x7F) == 0x7F] = 0x38  # 0x7F/0xFF are NaN in E4M3
+    return codes, scale_bytes.view(torch.float8_e4m3fn)
+
+
+def _exact_product(x, codes, scales, ts):
+    return x.double() @ F.dequantize_lookup(codes, scales, ts, torch.float64).T
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from lowbit import kernels
+
+    if not kernels.nvfp4_cpu_kernel():
+        pytest.fail("lowbit's NVFP4 CPU kernel did not build (see the log)")
+    return torch.ops.lowbit_nvfp4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ts", [1.0, 0.0123, 3e-7])
+def test_kernel_dequantizes_as_the_lookup_table_bit_for_bit(kernel, dtype, ts):
+    codes, scales = _random_weight(48, 16 * 7)  # an odd number of blocks per row; 336 scale bytes
+    ts = torch.tensor(ts)
+    out = kernel.dequantize(codes, scales, ts, dtype)
+    expected = F.dequantize_lookup(codes, scales, ts, dtype)
+    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), expected.view(torch.uint8))  # zeros' signs too
+    assert torch.equal(F.dequantize(codes, scales, ts, dtype).view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_product_is_the_exact_product_summed_in_float32(kernel, rows, dtype):
+    """Rows past 8 take a second pass of the kernel's row tiles; 7 blocks leave an odd block per row."""
+    codes, scales = _random_weight(40, 16 * 7, seed=rows)
+    ts = torch.tensor(0.01)
+    x = F.fake_quantize_per_token(torch.randn(rows, 16 * 7, generator=torch.Generator().manual_seed(1))).to(dtype)
+    y = kernel.mm(x, codes, scales, ts)
+    exact = _exact_product(x, codes, scales, ts)
+    assert y.dtype == dtype and y.shape == (rows, 40)
+    # float32 sums of 112 products; then one rounding to the output dtype
+    bound = exact.abs().amax() * 1e-5 + exact.abs() * torch.finfo(dtype).eps / 2
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("module", ["self_attn.q_proj", "mlp.gate_proj"])
+def test_kernel_on_stories260k_layers_and_activations(kernel, stories, module):
+    """Real weights and the hidden states that reach them: a decode row on the kernel equals the same
+    row on the reference path (the weight dequantized to the input's dtype, one GEMM)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
+    layer = model.model.layers[2]
+    seen = {}
+    handle = layer.get_submodule(module).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(0)))
+    handle.remove()
+    codes, scales, ts = F.quantize(layer.get_submodule(module).weight.data)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = F.fake_quantize_per_token(seen["x"][0].to(dtype))  # [12, 64]
+        reference = torch.nn.functional.linear(x, F.dequantize_lookup(codes, scales, ts, dtype))
+        for row in range(x.shape[0]):
+            y = F.linear(x[row:row + 1], codes, scales, ts)  # one row: the kernel
+            assert torch.allclose(y.float(), reference[row:row + 1].float(), rtol=tol, atol=tol * reference.abs().max())
+
+
+def test_linear_takes_the_kernel_for_decode_rows_and_a_gemm_for_prompts(kernel, monkeypatch):
+    from lowbit import kernels
+
+    codes, scales = _random_weight(32, 64)
+    ts, bias = torch.tensor(0.02), torch.randn(32)
+    calls = []
+    real_mm = torch.ops.lowbit_nvfp4.mm
+    monkeypatch.setattr(F.torch.ops.lowbit_nvfp4, "mm", lambda *a: calls.append(a[0].shape) or real_mm(*a),
+                        raising=False)
+    for rows in (1, kernels.NVFP4_MM_MAX_ROWS, kernels.NVFP4_MM_MAX_ROWS + 1):
+        x = torch.randn(1, rows, 64)
+        y = F.linear(x, codes, scales, ts, bias)
+        exact = _exact_product(x[0], codes, scales, ts) + bias.double()
+        assert y.shape == (1, rows, 32) and torch.allclose(y[0].double(), exact, rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 64), (kernels.NVFP4_MM_MAX_ROWS, 64)]
+
+
+def test_without_the_kernel_nvfp4_says_so_once_and_computes_with_torch_ops(monkeypatch, caplog):
+    from lowbit import kernels
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'lowbit_nvfp4'\nc++: not found")
+
+    monkeypatch.setattr(kernels, "_nvfp4_built", None)
+    monkeypatch.setattr(kernels, "build_nvfp4_extension", no_compiler)
+    codes, scales = _random_weight(32, 64)
+    ts, x = torch.tensor(0.02), torch.randn(1, 64)
+    with caplog.at_level("WARNING", logger="lowbit.kernels"):
+        y = F.linear(x, codes, scales, ts)
+        F.dequantize(codes, scales, ts)
+    assert torch.equal(y, x @ F.dequantize_lookup(codes, scales, ts).T)
+    warnings = [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "c++: not found" in warnings[0]
+
+
+def test_the_scalar_loops_compute_what_the_avx512_ones_do(kernel, tmp_path, monkeypatch):
+    """The kernel built without its AVX-512 code (what a CPU without AVX-512 runs) under another op namespace."""
+    from lowbit import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    kernels.build_nvfp4_extension("lowbit_nvfp4_scalar", ("LOWBIT_NVFP4_SCALAR", "LOWBIT_NVFP4_LIBRARY=lowbit_nvfp4_scalar"))
+    scalar = torch.ops.lowbit_nvfp4_scalar
+    codes, scales = _random_weight(24, 16 * 5)
+    ts = torch.tensor(0.3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(scalar.dequantize(codes, scales, ts, dtype).view(torch.uint8),
+                           kernel.dequantize(codes, scales, ts, dtype).view(torch.uint8))
+    x = torch.randn(3, 16 * 5)
+    assert torch.allclose(scalar.mm(x, codes, scales, ts), kernel.mm(x, codes, scales, ts), rtol=1e-5, atol=1e-5)

@@ -267,6 +267,8 @@ class ArhqHfQuantizer(AfterLoadHfQuantizer):
     def prepare_runtime(self, model):
         if self.quantization_config.int8_runtime:
             use_int8_runtime(model)
+        else:
+            integration.prepare_runtime(model)
 
 
 def use_int8_runtime(model) -> None:

@@ -13,10 +13,20 @@ channel (`int8_channel_weight`). On a CPU with AMX the weight is held prepacked 
 which re-lays out the weight at every call); everywhere else, and for narrow layers
 (ONEDNN_MIN_OUT_FEATURES), as a plain [N, K] tensor for `torch._int_mm`. Both give the same exact int32
 dot products.
+
+NVFP4 (ARHQ, SVDQuant): no CPU kernel in torch computes from NVFP4 codes, so lowbit builds its own
+(`csrc/nvfp4_cpu.cpp`, with torch's C++ extension tools, on first use) for the two things a simulated
+NVFP4 layer does with its weight: a decode step's product, read straight from the packed codes, and the
+weight's dequantization for a prompt's GEMM.
 """
 import functools
+import logging
+import os
+import subprocess
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 INT4_CPU_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -226,3 +236,47 @@ def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tens
         block = slice(start, start + EPILOGUE_ROWS)
         out[block] = torch.mul(products[block], x_scale[block]).mul_(w_scale)
     return out
+
+
+NVFP4_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "nvfp4_cpu.cpp")
+# Up to this many rows (decode steps, small batches) the NVFP4 kernel's product reads the packed weight;
+# beyond it, dequantizing the weight once and one float GEMM is faster (scripts/kernel_benchmark.py --nvfp4)
+NVFP4_MM_MAX_ROWS = 4
+_nvfp4_built = None  # None: not tried yet; then whether torch.ops.lowbit_nvfp4 is loaded
+
+
+def build_nvfp4_extension(name: str = "lowbit_nvfp4", defines: tuple = ()) -> None:
+    """Compile and load `csrc/nvfp4_cpu.cpp` (torch.utils.cpp_extension, cached by source hash under
+    TORCH_EXTENSIONS_DIR: a few seconds once per machine and torch version). `defines` ("NAME=value")
+    are for the tests, which also build the scalar loops alone under another op namespace."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name=name, sources=[NVFP4_SOURCE], extra_cflags=["-O3"] + [f"-D{d}" for d in defines],
+                       is_python_module=False, verbose=False)
+
+
+def nvfp4_cpu_kernel() -> bool:
+    """Whether lowbit's NVFP4 CPU kernel is loaded (`torch.ops.lowbit_nvfp4`); the first call builds it.
+    Without a C++ compiler (or ninja) it says why once, and NVFP4 layers compute with torch ops instead."""
+    global _nvfp4_built
+    if _nvfp4_built is None:
+        try:
+            logger.info("loading lowbit's NVFP4 CPU kernel (the first time on this machine, it compiles)")
+            build_nvfp4_extension()
+            torch.library.register_fake("lowbit_nvfp4::mm")(
+                lambda x, codes, block_scales, tensor_scale: x.new_empty(x.shape[0], codes.shape[0]))
+            torch.library.register_fake("lowbit_nvfp4::dequantize")(
+                lambda codes, block_scales, tensor_scale, dtype: codes.new_empty(codes.shape[0], 2 * codes.shape[1],
+                                                                                 dtype=dtype))
+            _nvfp4_built = True
+        except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            logger.warning("lowbit's NVFP4 CPU kernel could not be built (%s); NVFP4 layers dequantize their "
+                           "weights with torch ops instead, several times slower", (str(e).strip().splitlines() or [repr(e)])[-1])
+            _nvfp4_built = False
+    return _nvfp4_built
+
+
+def nvfp4_kernel_takes(codes: torch.Tensor, block_scales: torch.Tensor) -> bool:
+    """Whether the NVFP4 CPU kernel takes this weight: 2-D, contiguous, on the CPU, with the kernel loaded."""
+    return (codes.device.type == "cpu" and codes.dim() == 2 and codes.is_contiguous() and block_scales.is_contiguous()
+            and nvfp4_cpu_kernel())

@@ -443,9 +443,11 @@ class Nvfp4Linear(Int8Runtime):
     - `smooth_scale` compute dtype [in] when smoothing could not be folded into the layer before: the
       module reads x / smooth_scale and its weights hold W·diag(smooth_scale)
     - `bias`         compute dtype [out] (optional)
-    No CPU kernel computes in NVFP4, so the arithmetic is simulated: the residual is dequantized at each
-    call (memory holds the packed 4.5 bits per weight, not a float copy) and the input is rounded to
-    NVFP4 per token (a per-token tensor scale: each token's result is independent of its batch).
+    No hardware here computes in NVFP4, so the arithmetic is simulated: the input is rounded to NVFP4 per
+    token (a per-token tensor scale: each token's result is independent of its batch) and multiplied by
+    the residual's exact values (`nvfp4.linear`): on the CPU a decode step reads the packed codes
+    through lowbit's kernel, a prompt dequantizes the residual once per call. Memory holds the packed
+    4.5 bits per weight, not a float copy.
     `use_int8_runtime` trades that exactness for speed: the residual is re-rounded once onto a
     per-channel int8 grid and the input's NVFP4 values onto a per-token one, and the layer is one
     `torch._int_mm` (as QuaRot's integer layers), plus the low-rank branch.
@@ -510,6 +512,8 @@ class Nvfp4Linear(Int8Runtime):
         return w.to(dtype)
 
     def prepare_runtime(self) -> "Nvfp4Linear":
+        if self.qweight.device.type == "cpu":
+            kernels.nvfp4_cpu_kernel()  # built (or found) at load, not inside a first compiled step
         return self
 
     @torch.no_grad()
@@ -523,7 +527,7 @@ class Nvfp4Linear(Int8Runtime):
             x = x / self.smooth_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_weight is None:
-            y = nn.functional.linear(nvfp4.fake_quantize_per_token(x), self.dequantize_residual(x.dtype), bias)
+            y = nvfp4.linear(nvfp4.fake_quantize_per_token(x), self.qweight, self.block_scales, self.tensor_scale, bias)
         else:
             y = _int8_product(self, x)
             y = y if bias is None else y + bias

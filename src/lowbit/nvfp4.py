@@ -7,7 +7,7 @@ overflow. Codes are 4 bits, sign << 3 | magnitude code, packed two per byte (`pa
 """
 import torch
 
-from . import packing
+from . import kernels, packing
 
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
@@ -90,18 +90,44 @@ def quantize(x: torch.Tensor, tensor_scale: torch.Tensor | None = None
 _SCALED_BYTE_VALUES = (torch.stack([E2M1_VALUES[torch.arange(256) & 15], E2M1_VALUES[torch.arange(256) >> 4]], -1)
                        * torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()[:, None, None])
 _PAIR_AS_INT = {2: torch.int32, 4: torch.int64}  # a pair of 16-/32-bit floats moved as one integer
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what lowbit's CPU kernel reads and writes
 
 
 def dequantize(codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of `quantize`, up to rounding: [..., K] in `dtype`, each value e2m1 · block scale ·
-    tensor scale evaluated in float32 and rounded once to `dtype`."""
+    tensor scale evaluated in float32 and rounded once to `dtype`. A weight on the CPU goes through
+    lowbit's kernel (`kernels.nvfp4_cpu_kernel`), bit for bit the lookup table's result."""
+    if dtype in _KERNEL_DTYPES and kernels.nvfp4_kernel_takes(codes_packed, block_scales):
+        return torch.ops.lowbit_nvfp4.dequantize(codes_packed, block_scales, tensor_scale.float(), dtype)
+    return dequantize_lookup(codes_packed, block_scales, tensor_scale, dtype)
+
+
+def dequantize_lookup(codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dequantize` with torch ops, any shape and device: one table lookup per byte."""
     pair_dtype = dtype if dtype.itemsize in _PAIR_AS_INT else torch.float32
     table = (_SCALED_BYTE_VALUES.to(codes_packed.device) * tensor_scale.float()).to(pair_dtype)
     pairs = table.view(_PAIR_AS_INT[pair_dtype.itemsize]).reshape(-1)
     index = codes_packed.reshape(*block_scales.shape, -1).long()  # (mixed-dtype broadcasting is far slower)
     index += (block_scales.view(torch.uint8).long() << 8).unsqueeze(-1)
     return pairs.take(index).view(pair_dtype).reshape(*codes_packed.shape[:-1], -1).to(dtype)
+
+
+def linear(x: torch.Tensor, codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] times the NVFP4 weight [N, K] transposed (+ bias). Up to `kernels.NVFP4_MM_MAX_ROWS` rows
+    on the CPU (a decode step), lowbit's kernel reads the packed codes (4.5 bits per weight, where a
+    dequantized copy would be read at 16) and sums in float32 from the weight's exact values; otherwise
+    the weight is dequantized to x's dtype and one GEMM runs (the two agree to float32 summation order
+    and the weight's rounding to x's dtype)."""
+    rows = x.numel() // x.shape[-1]
+    if (rows <= kernels.NVFP4_MM_MAX_ROWS and x.dtype in _KERNEL_DTYPES
+            and kernels.nvfp4_kernel_takes(codes_packed, block_scales)):
+        y = torch.ops.lowbit_nvfp4.mm(x.reshape(rows, x.shape[-1]), codes_packed, block_scales, tensor_scale.float())
+        y = y.view(*x.shape[:-1], codes_packed.shape[0])
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, dequantize(codes_packed, block_scales, tensor_scale, x.dtype), bias)
 
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:

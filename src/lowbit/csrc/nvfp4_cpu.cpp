@@ -1,0 +1,275 @@
+// NVFP4 on CPU: the product of an input with a packed NVFP4 weight, and the weight's dequantization,
+// read straight from the packed codes (4.5 bits per weight) instead of a float copy of the weight.
+//
+// Layout (lowbit.nvfp4): codes uint8 [N, K/2], code 2i in the low nibble of byte i; block scales
+// float8_e4m3fn [N, K/16], one per 16 codes; one float32 tensor scale. value = e2m1 * block scale *
+// tensor scale. On AVX-512 a block's 16 codes become 16 floats with one in-register table lookup
+// (vpermps); elsewhere a scalar loop computes the same.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+// LOWBIT_NVFP4_SCALAR builds the scalar loops alone (the tests compare both), LOWBIT_NVFP4_LIBRARY names the ops' namespace.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(LOWBIT_NVFP4_SCALAR)
+#define LOWBIT_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;
+constexpr int64_t kMaxRows = 8;  // input rows accumulated per pass over a weight row (AVX-512)
+alignas(64) const float kE2M1[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                                     -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+struct ScaleTable {  // float value of every E4M3 byte
+  float value[256];
+  ScaleTable() {
+    for (int i = 0; i < 256; ++i) value[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const ScaleTable kScales;
+
+bool has_avx512() {
+#ifdef LOWBIT_X86
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round to nearest even, as torch
+inline void store(c10::Half* p, float v) { *p = c10::Half(v); }
+
+// ---- scalar --------------------------------------------------------------------------------------
+template <typename T>
+void mm_rows_scalar(const float* x, const uint8_t* codes, const uint8_t* scales, float tensor_scale, T* y,
+                    int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* c = codes + n * (K / 2) + b * (kBlock / 2);
+        const float* xb = x + m * K + b * kBlock;
+        float s = 0.f;
+        for (int i = 0; i < kBlock / 2; ++i)
+          s += kE2M1[c[i] & 15] * xb[2 * i] + kE2M1[c[i] >> 4] * xb[2 * i + 1];
+        acc += s * kScales.value[scales[n * blocks + b]];
+      }
+      store(y + m * N + n, acc * tensor_scale);
+    }
+  }
+}
+
+template <typename T>
+void dequantize_rows_scalar(const uint8_t* codes, const uint8_t* scales, float tensor_scale, T* out,
+                            int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t byte = codes[n * (K / 2) + k / 2];
+      const float e2m1 = kE2M1[k % 2 ? byte >> 4 : byte & 15];
+      store(out + n * K + k, e2m1 * kScales.value[scales[n * (K / kBlock) + k / kBlock]] * tensor_scale);
+    }
+}
+
+#ifdef LOWBIT_X86
+// ---- AVX-512 -------------------------------------------------------------------------------------
+#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// The E2M1 codes of 8 packed bytes (low 8 bytes of the result) or 16 (two blocks), in code order.
+LOWBIT_AVX512 inline __m128i codes_lo(__m128i bytes) {
+  const __m128i low = _mm_set1_epi8(15);
+  return _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+}
+LOWBIT_AVX512 inline __m128i codes_hi(__m128i bytes) {
+  const __m128i low = _mm_set1_epi8(15);
+  return _mm_unpackhi_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+}
+// 16 codes -> their E2M1 values times the block scale.
+LOWBIT_AVX512 inline __m512 block_values(__m128i codes, __m512 table, float scale) {
+  return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table), _mm512_set1_ps(scale));
+}
+
+LOWBIT_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+LOWBIT_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {  // round to nearest even (finite values)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+LOWBIT_AVX512 inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// R input rows (a compile-time count, so that the accumulators stay in registers) against weight rows
+// [n0, n1); two accumulators per input row (even and odd blocks) so that the additions overlap.
+template <typename T, int R>
+LOWBIT_AVX512 void mm_tile_avx512(const float* x, const uint8_t* codes, const uint8_t* scales, float tensor_scale,
+                                  T* y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const __m512 table = _mm512_load_ps(kE2M1);
+  const int64_t blocks = K / kBlock;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* cn = codes + n * (K / 2);
+    const uint8_t* sn = scales + n * blocks;
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cn + b * (kBlock / 2)));
+      const __m512 w0 = block_values(codes_lo(bytes), table, kScales.value[sn[b]]);
+      const __m512 w1 = block_values(codes_hi(bytes), table, kScales.value[sn[b + 1]]);
+      for (int r = 0; r < R; ++r) {
+        even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + b * kBlock), even[r]);
+        odd[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + (b + 1) * kBlock), odd[r]);
+      }
+    }
+    if (b < blocks) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(cn + b * (kBlock / 2)));
+      const __m512 w0 = block_values(codes_lo(bytes), table, kScales.value[sn[b]]);
+      for (int r = 0; r < R; ++r) even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + b * kBlock), even[r]);
+    }
+    for (int r = 0; r < R; ++r) store(y + r * N + n, _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) * tensor_scale);
+  }
+}
+
+template <typename T>
+LOWBIT_AVX512 void mm_rows_avx512(const float* x, const uint8_t* codes, const uint8_t* scales, float tensor_scale,
+                                  T* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  static_assert(kMaxRows == 8, "the tiles below");
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const float* xm = x + m0 * K;
+    T* ym = y + m0 * N;
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: mm_tile_avx512<T, 1>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 2: mm_tile_avx512<T, 2>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 3: mm_tile_avx512<T, 3>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 4: mm_tile_avx512<T, 4>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 5: mm_tile_avx512<T, 5>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 6: mm_tile_avx512<T, 6>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      case 7: mm_tile_avx512<T, 7>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+      default: mm_tile_avx512<T, 8>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
+    }
+  }
+}
+
+template <typename T>
+LOWBIT_AVX512 void dequantize_rows_avx512(const uint8_t* codes, const uint8_t* scales, float tensor_scale, T* out,
+                                          int64_t K, int64_t n0, int64_t n1) {
+  const __m512 table = _mm512_load_ps(kE2M1);
+  const __m512 ts = _mm512_set1_ps(tensor_scale);
+  const int64_t blocks = K / kBlock;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < blocks; ++b) {  // (e2m1 * block scale) is exact; one rounding with the tensor scale
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + n * (K / 2) + b * (kBlock / 2)));
+      const __m512 w = block_values(codes_lo(bytes), table, kScales.value[scales[n * blocks + b]]);
+      store16(out + n * K + b * kBlock, _mm512_mul_ps(w, ts));
+    }
+}
+
+#endif  // LOWBIT_X86
+
+// ---- ops -----------------------------------------------------------------------------------------
+void check_weight(const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.device().is_cpu() && scales.device().is_cpu(), "lowbit nvfp4: tensors must be on the CPU");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "lowbit nvfp4: codes must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kFloat8_e4m3fn && scales.is_contiguous() &&
+                  scales.size(0) == codes.size(0) && scales.size(1) * kBlock == codes.size(1) * 2,
+              "lowbit nvfp4: block scales must be contiguous float8_e4m3fn [N, K/16]");
+}
+
+// Rows of the weight per task: about 64 KiB of codes, so that two threads split even a small layer.
+int64_t grain(int64_t K) { return std::max<int64_t>(1, 131072 / std::max<int64_t>(1, K)); }
+
+template <typename T>
+void mm_typed(const at::Tensor& x, const uint8_t* c, const uint8_t* s, float ts, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
+  const float* xp = x.const_data_ptr<float>();
+  T* yp = y.mutable_data_ptr<T>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+#ifdef LOWBIT_X86
+    if (has_avx512()) return mm_rows_avx512<T>(xp, c, s, ts, yp, M, N, K, n0, n1);
+#endif
+    mm_rows_scalar<T>(xp, c, s, ts, yp, M, N, K, n0, n1);
+  });
+}
+
+template <typename T>
+void dequantize_typed(const uint8_t* c, const uint8_t* s, float ts, at::Tensor& out) {
+  const int64_t N = out.size(0), K = out.size(1);
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+#ifdef LOWBIT_X86
+    if (has_avx512()) return dequantize_rows_avx512<T>(c, s, ts, op, K, n0, n1);
+#endif
+    dequantize_rows_scalar<T>(c, s, ts, op, K, n0, n1);
+  });
+}
+
+const uint8_t* scale_bytes(const at::Tensor& scales) { return reinterpret_cast<const uint8_t*>(scales.const_data_ptr()); }
+
+float scalar(const at::Tensor& tensor_scale) {
+  TORCH_CHECK(tensor_scale.numel() == 1 && tensor_scale.scalar_type() == at::kFloat && tensor_scale.device().is_cpu(),
+              "lowbit nvfp4: the tensor scale must be one float32 value on the CPU");
+  return tensor_scale.item<float>();
+}
+
+bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// x [M, K] times the NVFP4 weight [N, K], transposed: [M, N] in x's dtype (float32, bfloat16 or float16),
+// summed in float32 from the weight's exact values (e2m1 * block scale), times the tensor scale at the end.
+at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& tensor_scale) {
+  check_weight(codes, scales);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == codes.size(1) * 2 && float_type(x.scalar_type()),
+              "lowbit nvfp4: x must be float32, bfloat16 or float16 [M, K] on the CPU");
+  at::Tensor y = at::empty({x.size(0), codes.size(0)}, x.options());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();  // read once per weight row: converted once here
+  const uint8_t* c = codes.const_data_ptr<uint8_t>();
+  const float ts = scalar(tensor_scale);
+  switch (x.scalar_type()) {
+    case at::kFloat: mm_typed<float>(xf, c, scale_bytes(scales), ts, y); break;
+    case at::kBFloat16: mm_typed<c10::BFloat16>(xf, c, scale_bytes(scales), ts, y); break;
+    default: mm_typed<c10::Half>(xf, c, scale_bytes(scales), ts, y); break;
+  }
+  return y;
+}
+
+// The weight [N, K] in `dtype`: e2m1 * block scale * tensor scale in float32, rounded once (as lowbit.nvfp4's
+// lookup table computes it, bit for bit).
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& tensor_scale,
+                      at::ScalarType dtype) {
+  check_weight(codes, scales);
+  TORCH_CHECK(float_type(dtype), "lowbit nvfp4: dtype must be float32, bfloat16 or float16");
+  at::Tensor out = at::empty({codes.size(0), codes.size(1) * 2}, codes.options().dtype(dtype));
+  const uint8_t* c = codes.const_data_ptr<uint8_t>();
+  const float ts = scalar(tensor_scale);
+  switch (dtype) {
+    case at::kFloat: dequantize_typed<float>(c, scale_bytes(scales), ts, out); break;
+    case at::kBFloat16: dequantize_typed<c10::BFloat16>(c, scale_bytes(scales), ts, out); break;
+    default: dequantize_typed<c10::Half>(c, scale_bytes(scales), ts, out); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+#ifndef LOWBIT_NVFP4_LIBRARY
+#define LOWBIT_NVFP4_LIBRARY lowbit_nvfp4
+#endif
+
+TORCH_LIBRARY(LOWBIT_NVFP4_LIBRARY, m) {
+  m.def("mm(Tensor x, Tensor codes, Tensor block_scales, Tensor tensor_scale) -> Tensor");
+  m.def("dequantize(Tensor codes, Tensor block_scales, Tensor tensor_scale, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(LOWBIT_NVFP4_LIBRARY, CPU, m) {
+  m.impl("mm", &mm);
+  m.impl("dequantize", &dequantize);
+}
