@@ -16,7 +16,11 @@ kernel reads its weight (GB/s of the weight's bytes):
   a CPU with AMX, where lowbit uses it (`kernels.onednn_int8_fast`: elsewhere oneDNN runs signed codes
   on its reference kernel, too slow to time on a prompt);
 - int8 oneDNN u8: oneDNN's product on the same codes made unsigned (+128, zero point 128), the form
-  its kernels for CPUs without AMX take.
+  its kernels for CPUs without AMX take;
+- nvfp4: lowbit's NVFP4 CPU kernel (ARHQ's and SVDQuant's simulated layers up to
+  `kernels.NVFP4_MM_MAX_ROWS` rows), 4.5 bits per weight read from the packed codes; nvfp4 dequant: the
+  same weight dequantized to bf16 by the kernel, then a bf16 GEMM (what those layers run on more rows);
+  nvfp4 lookup: dequantized by torch ops instead (`nvfp4.dequantize_lookup`, where the kernel cannot build).
 A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
 reach the memory's bandwidth there is what a quantized model's decode waits on.
 
@@ -52,6 +56,7 @@ def layer_shapes(model: str) -> dict:
 def kernels(n: int, k: int, rows: int) -> dict:
     """kernel name -> (a call, the weight's bytes)."""
     from lowbit import kernels as lk
+    from lowbit import nvfp4
     from lowbit.quantize import dequantize
 
     x = torch.randn(rows, k, dtype=torch.bfloat16)
@@ -69,6 +74,15 @@ def kernels(n: int, k: int, rows: int) -> dict:
         "int8 w-only": (lambda: torch.ops.aten._weight_int8pack_mm(x, w_int8, channel_scale), n * k),
         "int8 _int_mm": (lambda: torch._int_mm(codes, w_int8.t()), n * k),
     }
+    if lk.nvfp4_cpu_kernel():
+        fp4, block_scales, ts = nvfp4.quantize(w_bf16.float())
+        x_fp4 = nvfp4.fake_quantize_per_token(x)
+        fp4_bytes = n * k // 2 + n * k // nvfp4.BLOCK_SIZE
+        out["nvfp4"] = (lambda: torch.ops.lowbit_nvfp4.mm(x_fp4, fp4, block_scales, ts), fp4_bytes)
+        out["nvfp4 dequant"] = (lambda: torch.nn.functional.linear(
+            x_fp4, torch.ops.lowbit_nvfp4.dequantize(fp4, block_scales, ts, torch.bfloat16)), fp4_bytes)
+        out["nvfp4 lookup"] = (lambda: torch.nn.functional.linear(
+            x_fp4, nvfp4.dequantize_lookup(fp4, block_scales, ts, torch.bfloat16)), fp4_bytes)
     if lk.onednn_int8_available():
         packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
         if lk.onednn_int8_fast():

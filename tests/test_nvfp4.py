@@ -232,6 +232,24 @@ def test_kernel_dequantizes_as_the_lookup_table_bit_for_bit(kernel, dtype, ts):
     assert torch.equal(F.dequantize(codes, scales, ts, dtype).view(torch.uint8), expected.view(torch.uint8))
 
 
+def _activations(shape, dtype, seed=0):
+    """Values over seven decades, an all-zero block and an all-zero token."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * torch.logspace(-4, 3, shape[-1])
+    x.view(-1, shape[-1])[0, :16] = 0.0
+    x.view(-1, shape[-1])[-1] = 0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 96), (7, 112), (3, 2, 4864)])
+def test_kernel_rounds_each_token_as_the_torch_ops_bit_for_bit(kernel, dtype, shape):
+    x = _activations(shape, dtype)
+    out = F.fake_quantize_per_token(x)
+    expected = F.fake_quantize_per_token_torch(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_product_is_the_exact_product_summed_in_float32(kernel, rows, dtype):
@@ -299,7 +317,9 @@ def test_without_the_kernel_nvfp4_says_so_once_and_computes_with_torch_ops(monke
     with caplog.at_level("WARNING", logger="lowbit.kernels"):
         y = F.linear(x, codes, scales, ts)
         F.dequantize(codes, scales, ts)
+        rounded = F.fake_quantize_per_token(x)
     assert torch.equal(y, x @ F.dequantize_lookup(codes, scales, ts).T)
+    assert torch.equal(rounded, F.fake_quantize_per_token_torch(x))
     warnings = [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
     assert len(warnings) == 1 and "c++: not found" in warnings[0]
 
@@ -316,5 +336,7 @@ def test_the_scalar_loops_compute_what_the_avx512_ones_do(kernel, tmp_path, monk
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(scalar.dequantize(codes, scales, ts, dtype).view(torch.uint8),
                            kernel.dequantize(codes, scales, ts, dtype).view(torch.uint8))
+        x = _activations((3, 16 * 5), dtype)
+        assert torch.equal(scalar.round_per_token(x).view(torch.uint8), kernel.round_per_token(x).view(torch.uint8))
     x = torch.randn(3, 16 * 5)
     assert torch.allclose(scalar.mm(x, codes, scales, ts), kernel.mm(x, codes, scales, ts), rtol=1e-5, atol=1e-5)

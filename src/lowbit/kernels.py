@@ -15,9 +15,9 @@ which re-lays out the weight at every call); everywhere else, and for narrow lay
 dot products.
 
 NVFP4 (ARHQ, SVDQuant): no CPU kernel in torch computes from NVFP4 codes, so lowbit builds its own
-(`csrc/nvfp4_cpu.cpp`, with torch's C++ extension tools, on first use) for the two things a simulated
-NVFP4 layer does with its weight: a decode step's product, read straight from the packed codes, and the
-weight's dequantization for a prompt's GEMM.
+(`csrc/nvfp4_cpu.cpp`, with torch's C++ extension tools, on first use) for what a simulated NVFP4 layer
+does at each call: the input's per-token rounding through NVFP4, a decode step's product read straight
+from the packed codes, and the weight's dequantization for a prompt's GEMM.
 """
 import functools
 import logging
@@ -240,7 +240,8 @@ def int8_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tens
 
 NVFP4_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "nvfp4_cpu.cpp")
 # Up to this many rows (decode steps, small batches) the NVFP4 kernel's product reads the packed weight;
-# beyond it, dequantizing the weight once and one float GEMM is faster (scripts/kernel_benchmark.py --nvfp4)
+# beyond it, dequantizing the weight once and one float GEMM is faster (scripts/kernel_benchmark.py --rows
+# 1 4 8: "nvfp4" against "nvfp4 dequant")
 NVFP4_MM_MAX_ROWS = 4
 _nvfp4_built = None  # None: not tried yet; then whether torch.ops.lowbit_nvfp4 is loaded
 
@@ -268,10 +269,13 @@ def nvfp4_cpu_kernel() -> bool:
             torch.library.register_fake("lowbit_nvfp4::dequantize")(
                 lambda codes, block_scales, tensor_scale, dtype: codes.new_empty(codes.shape[0], 2 * codes.shape[1],
                                                                                  dtype=dtype))
+            torch.library.register_fake("lowbit_nvfp4::round_per_token")(torch.empty_like)
             _nvfp4_built = True
         except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
-            logger.warning("lowbit's NVFP4 CPU kernel could not be built (%s); NVFP4 layers dequantize their "
-                           "weights with torch ops instead, several times slower", (str(e).strip().splitlines() or [repr(e)])[-1])
+            lines = str(e).strip().splitlines() or [repr(e)]
+            why = next((line for line in lines if "error" in line.lower() and line is not lines[0]), lines[-1])
+            logger.warning("lowbit's NVFP4 CPU kernel could not be built (%s); NVFP4 layers compute with torch ops "
+                           "instead, several times slower", why.strip())
             _nvfp4_built = False
     return _nvfp4_built
 

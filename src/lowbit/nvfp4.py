@@ -137,7 +137,16 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] rounded through NVFP4 with one tensor scale per row (token): simulated NVFP4
-    activations whose rounding never depends on the other tokens of the batch."""
+    activations whose rounding never depends on the other tokens of the batch. On the CPU, lowbit's
+    kernel does it in one pass, bit for bit what `fake_quantize_per_token_torch` computes."""
+    _check_width(x.shape[-1])
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.numel() and kernels.nvfp4_cpu_kernel():
+        return torch.ops.lowbit_nvfp4.round_per_token(x)
+    return fake_quantize_per_token_torch(x)
+
+
+def fake_quantize_per_token_torch(x: torch.Tensor) -> torch.Tensor:
+    """`fake_quantize_per_token` with torch ops, any device and dtype."""
     _check_width(x.shape[-1])
     blocks, block_amax = _blocks(x.float())
     ts = _default_tensor_scale(block_amax.amax(-1, keepdim=True))

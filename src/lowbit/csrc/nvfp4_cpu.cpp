@@ -1,5 +1,6 @@
 // NVFP4 on CPU: the product of an input with a packed NVFP4 weight, and the weight's dequantization,
-// read straight from the packed codes (4.5 bits per weight) instead of a float copy of the weight.
+// read straight from the packed codes (4.5 bits per weight) instead of a float copy of the weight; and
+// the per-token rounding of an input through NVFP4 in one pass, where torch ops take a dozen.
 //
 // Layout (lowbit.nvfp4): codes uint8 [N, K/2], code 2i in the low nibble of byte i; block scales
 // float8_e4m3fn [N, K/16], one per 16 codes; one float32 tensor scale. value = e2m1 * block scale *
@@ -18,6 +19,11 @@
 #define LOWBIT_X86 1
 #include <immintrin.h>
 #endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -97,6 +103,14 @@ LOWBIT_AVX512 inline __m512 block_values(__m128i codes, __m512 table, float scal
   return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), table), _mm512_set1_ps(scale));
 }
 
+LOWBIT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LOWBIT_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+LOWBIT_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 LOWBIT_AVX512 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 LOWBIT_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {  // round to nearest even (finite values)
   const __m512i bits = _mm512_castps_si512(v);
@@ -173,6 +187,39 @@ LOWBIT_AVX512 void dequantize_rows_avx512(const uint8_t* codes, const uint8_t* s
     }
 }
 
+// lowbit.nvfp4.fake_quantize_per_token for one row, as round_row below, 16 values at a time.
+template <typename T>
+LOWBIT_AVX512 void round_row_avx512(const T* x, T* out, int64_t K, float* work) {
+  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBlock) {
+    const __m512 v = load16(x + k);
+    _mm512_storeu_ps(work + k, v);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  float ts = _mm512_reduce_max_ps(amax) / 2688.0f;  // E2M1_MAX * E4M3_MAX
+  if (!(ts > 0.f)) ts = 1.0f;
+  const __m512 vts = _mm512_set1_ps(ts);
+  for (int64_t k = 0; k < K; k += kBlock) {
+    const __m512 v = _mm512_loadu_ps(work + k);
+    const float block_amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+    const float scale = static_cast<float>(c10::Float8_e4m3fn(std::min(block_amax / 6.0f / ts, 448.0f)));
+    const float divisor = scale * ts;
+    if (!(divisor > 0.f)) {  // x / inf + 0: every value +0
+      store16(out + k, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 scaled = _mm512_add_ps(_mm512_div_ps(v, _mm512_set1_ps(divisor)), _mm512_setzero_ps());
+    const __m512 a = _mm512_min_ps(_mm512_abs_ps(scaled), _mm512_set1_ps(6.0f));
+    const __m512 power = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7F800000)));
+    const __m512 step = _mm512_mul_ps(_mm512_max_ps(power, _mm512_set1_ps(1.0f)), _mm512_set1_ps(0.5f));
+    const __m512 rounded = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_div_ps(a, step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), step);
+    const __m512 value = _mm512_castsi512_ps(_mm512_or_si512(  // copysign
+        _mm512_castps_si512(rounded), _mm512_and_si512(sign, _mm512_castps_si512(scaled))));
+    store16(out + k, _mm512_mul_ps(_mm512_mul_ps(value, _mm512_set1_ps(scale)), vts));
+  }
+}
+
 #endif  // LOWBIT_X86
 
 // ---- ops -----------------------------------------------------------------------------------------
@@ -223,6 +270,78 @@ float scalar(const at::Tensor& tensor_scale) {
 
 bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// The nearest E2M1 value to a float32 (lowbit.nvfp4._e2m1_round, operation for operation): past +-6
+// saturated, the grid's step half the value's power of two and at least 0.5, ties to even.
+inline float e2m1_round(float scaled) {
+  const float a = std::min(std::fabs(scaled), 6.0f);
+  uint32_t bits;
+  std::memcpy(&bits, &a, 4);
+  bits &= 0x7F800000u;
+  float step;
+  std::memcpy(&step, &bits, 4);
+  step = std::max(step, 1.0f) * 0.5f;
+  return std::copysign(std::nearbyint(a / step) * step, scaled);
+}
+
+// One token (row) of K values rounded through NVFP4 with its own tensor scale, as
+// lowbit.nvfp4.fake_quantize_per_token computes it, bit for bit: block amax, tensor scale amax / (6 * 448),
+// E4M3 block scales, E2M1 values, then value * block scale * tensor scale rounded once to T.
+template <typename T>
+void round_row(const T* x, T* out, int64_t K, float* work) {
+  const int64_t blocks = K / kBlock;
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    work[k] = static_cast<float>(x[k]);
+    amax = std::max(amax, std::fabs(work[k]));
+  }
+  float ts = amax / 2688.0f;  // E2M1_MAX * E4M3_MAX
+  if (!(ts > 0.f)) ts = 1.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* v = work + b * kBlock;
+    float block_amax = 0.f;
+    for (int i = 0; i < kBlock; ++i) block_amax = std::max(block_amax, std::fabs(v[i]));
+    const float scale = static_cast<float>(c10::Float8_e4m3fn(std::min(block_amax / 6.0f / ts, 448.0f)));
+    const float divisor = scale * ts;
+    for (int i = 0; i < kBlock; ++i) {
+      const float scaled = (divisor > 0.f ? v[i] / divisor : v[i] / INFINITY) + 0.0f;
+      store(out + b * kBlock + i, e2m1_round(scaled) * scale * ts);
+    }
+  }
+}
+
+template <typename T>
+void round_rows(const at::Tensor& x, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
+    std::vector<float> work(K);
+    for (int64_t m = m0; m < m1; ++m) {
+#ifdef LOWBIT_X86
+      if (has_avx512()) {
+        round_row_avx512<T>(xp + m * K, op + m * K, K, work.data());
+        continue;
+      }
+#endif
+      round_row<T>(xp + m * K, op + m * K, K, work.data());
+    }
+  });
+}
+
+// x [..., K] rounded through NVFP4 with one tensor scale per row (token), in x's dtype.
+at::Tensor round_per_token(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) % kBlock == 0 && float_type(x.scalar_type()),
+              "lowbit nvfp4: x must be float32, bfloat16 or float16 [..., K] on the CPU, K a multiple of 16");
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  at::Tensor out = at::empty(x2.sizes(), x2.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: round_rows<float>(x2, out); break;
+    case at::kBFloat16: round_rows<c10::BFloat16>(x2, out); break;
+    default: round_rows<c10::Half>(x2, out); break;
+  }
+  return out.view(x.sizes());
+}
+
 // x [M, K] times the NVFP4 weight [N, K], transposed: [M, N] in x's dtype (float32, bfloat16 or float16),
 // summed in float32 from the weight's exact values (e2m1 * block scale), times the tensor scale at the end.
 at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& tensor_scale) {
@@ -267,9 +386,11 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const a
 TORCH_LIBRARY(LOWBIT_NVFP4_LIBRARY, m) {
   m.def("mm(Tensor x, Tensor codes, Tensor block_scales, Tensor tensor_scale) -> Tensor");
   m.def("dequantize(Tensor codes, Tensor block_scales, Tensor tensor_scale, ScalarType dtype) -> Tensor");
+  m.def("round_per_token(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(LOWBIT_NVFP4_LIBRARY, CPU, m) {
   m.impl("mm", &mm);
   m.impl("dequantize", &dequantize);
+  m.impl("round_per_token", &round_per_token);
 }
