@@ -29,7 +29,7 @@ import speed_benchmark as sb  # noqa: E402  (same methods, checkpoints and calib
 
 LINEAR_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm", "aten::_weight_int8pack_mm", "aten::mm",
               "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn::_linear_pointwise",
-              "onednn::qlinear_pointwise", "lowbit::onednn_int8_mm")
+              "onednn::qlinear_pointwise", "lowbit::onednn_int8_mm", "lowbit_nvfp4::mm")
 KINDS = ("linear kernels", "attention", "other kernels", "graph wrapper", "guards", "generate and Python")
 
 

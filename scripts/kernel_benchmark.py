@@ -18,9 +18,10 @@ kernel reads its weight (GB/s of the weight's bytes):
 - int8 oneDNN u8: oneDNN's product on the same codes made unsigned (+128, zero point 128), the form
   its kernels for CPUs without AMX take;
 - nvfp4: lowbit's NVFP4 CPU kernel (ARHQ's and SVDQuant's simulated layers up to
-  `kernels.NVFP4_MM_MAX_ROWS` rows), 4.5 bits per weight read from the packed codes; nvfp4 dequant: the
-  same weight dequantized to bf16 by the kernel, then a bf16 GEMM (what those layers run on more rows);
-  nvfp4 lookup: dequantized by torch ops instead (`nvfp4.dequantize_lookup`, where the kernel cannot build).
+  `kernels.NVFP4_MM_MAX_ROWS` rows), the input's NVFP4 rounding included, 4.5 bits per weight read from
+  the packed codes; nvfp4 dequant: the input rounded and the weight dequantized to bf16 by the kernel,
+  then a bf16 GEMM (what those layers run on more rows); nvfp4 lookup: both by torch ops instead
+  (`nvfp4.dequantize_lookup`, what runs where the kernel cannot be built).
 A decode step at batch 1 is the 1-row case: it reads every weight once, so a kernel that does not
 reach the memory's bandwidth there is what a quantized model's decode waits on.
 
@@ -76,13 +77,12 @@ def kernels(n: int, k: int, rows: int) -> dict:
     }
     if lk.nvfp4_cpu_kernel():
         fp4, block_scales, ts = nvfp4.quantize(w_bf16.float())
-        x_fp4 = nvfp4.fake_quantize_per_token(x)
         fp4_bytes = n * k // 2 + n * k // nvfp4.BLOCK_SIZE
-        out["nvfp4"] = (lambda: torch.ops.lowbit_nvfp4.mm(x_fp4, fp4, block_scales, ts), fp4_bytes)
-        out["nvfp4 dequant"] = (lambda: torch.nn.functional.linear(
-            x_fp4, torch.ops.lowbit_nvfp4.dequantize(fp4, block_scales, ts, torch.bfloat16)), fp4_bytes)
-        out["nvfp4 lookup"] = (lambda: torch.nn.functional.linear(
-            x_fp4, nvfp4.dequantize_lookup(fp4, block_scales, ts, torch.bfloat16)), fp4_bytes)
+        out["nvfp4"] = (lambda: torch.ops.lowbit_nvfp4.mm(x, fp4, block_scales, ts), fp4_bytes)
+        out["nvfp4 dequant"] = (lambda: torch.nn.functional.linear(nvfp4.fake_quantize_per_token(x), (
+            torch.ops.lowbit_nvfp4.dequantize(fp4, block_scales, ts, torch.bfloat16))), fp4_bytes)
+        out["nvfp4 lookup"] = (lambda: torch.nn.functional.linear(nvfp4.fake_quantize_per_token_torch(x), (
+            nvfp4.dequantize_lookup(fp4, block_scales, ts, torch.bfloat16))), fp4_bytes)
     if lk.onednn_int8_available():
         packed = torch.ops.onednn.qlinear_prepack(w_int8, None)
         if lk.onednn_int8_fast():

@@ -208,10 +208,6 @@ def _random_weight(n: int, k: int, seed: int = 0):
     return codes, scale_bytes.view(torch.float8_e4m3fn)
 
 
-def _exact_product(x, codes, scales, ts):
-    return x.double() @ F.dequantize_lookup(codes, scales, ts, torch.float64).T
-
-
 @pytest.fixture(scope="module")
 def kernel():
     from lowbit import kernels
@@ -250,25 +246,31 @@ def test_kernel_rounds_each_token_as_the_torch_ops_bit_for_bit(kernel, dtype, sh
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
 
 
+def _exact_layer(x, codes, scales, ts):
+    """x rounded through NVFP4 per token (its values in float32) times the weight, in float64."""
+    return F.fake_quantize_per_token_torch(x.float()).double() @ F.dequantize_lookup(codes, scales, ts, torch.float64).T
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_product_is_the_exact_product_summed_in_float32(kernel, rows, dtype):
-    """Rows past 8 take a second pass of the kernel's row tiles; 7 blocks leave an odd block per row."""
-    codes, scales = _random_weight(40, 16 * 7, seed=rows)
-    ts = torch.tensor(0.01)
-    x = F.fake_quantize_per_token(torch.randn(rows, 16 * 7, generator=torch.Generator().manual_seed(1))).to(dtype)
+@pytest.mark.parametrize("k", [16 * 7, 16 * 8])
+def test_kernel_product_is_the_exact_nvfp4_product_summed_in_float32(kernel, rows, dtype, k):
+    """Rows past 8 take a second pass of the kernel's row tiles; 7 blocks leave a partial chunk of 64 codes."""
+    codes, scales = _random_weight(40, k, seed=rows)
+    ts = torch.tensor(1e-4)  # products within float16's range
+    x = _activations((rows, k), dtype, seed=rows)
     y = kernel.mm(x, codes, scales, ts)
-    exact = _exact_product(x, codes, scales, ts)
+    exact = _exact_layer(x, codes, scales, ts)
     assert y.dtype == dtype and y.shape == (rows, 40)
-    # float32 sums of 112 products; then one rounding to the output dtype
-    bound = exact.abs().amax() * 1e-5 + exact.abs() * torch.finfo(dtype).eps / 2
+    # float32 sums of k products; then one rounding to the output dtype
+    bound = exact.abs().amax(-1, keepdim=True) * 1e-5 + exact.abs() * torch.finfo(dtype).eps / 2
     assert ((y.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("module", ["self_attn.q_proj", "mlp.gate_proj"])
 def test_kernel_on_stories260k_layers_and_activations(kernel, stories, module):
     """Real weights and the hidden states that reach them: a decode row on the kernel equals the same
-    row on the reference path (the weight dequantized to the input's dtype, one GEMM)."""
+    row in a prompt (the input rounded and the weight dequantized to the input's dtype, one GEMM)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
@@ -280,8 +282,8 @@ def test_kernel_on_stories260k_layers_and_activations(kernel, stories, module):
     handle.remove()
     codes, scales, ts = F.quantize(layer.get_submodule(module).weight.data)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        x = F.fake_quantize_per_token(seen["x"][0].to(dtype))  # [12, 64]
-        reference = torch.nn.functional.linear(x, F.dequantize_lookup(codes, scales, ts, dtype))
+        x = seen["x"][0].to(dtype)  # [12, 64]
+        reference = F.linear(x, codes, scales, ts)  # 12 rows: rounded input times the dequantized weight
         for row in range(x.shape[0]):
             y = F.linear(x[row:row + 1], codes, scales, ts)  # one row: the kernel
             assert torch.allclose(y.float(), reference[row:row + 1].float(), rtol=tol, atol=tol * reference.abs().max())
@@ -299,7 +301,7 @@ def test_linear_takes_the_kernel_for_decode_rows_and_a_gemm_for_prompts(kernel, 
     for rows in (1, kernels.NVFP4_MM_MAX_ROWS, kernels.NVFP4_MM_MAX_ROWS + 1):
         x = torch.randn(1, rows, 64)
         y = F.linear(x, codes, scales, ts, bias)
-        exact = _exact_product(x[0], codes, scales, ts) + bias.double()
+        exact = _exact_layer(x[0], codes, scales, ts) + bias.double()
         assert y.shape == (1, rows, 32) and torch.allclose(y[0].double(), exact, rtol=1e-5, atol=1e-5)
     assert calls == [(1, 64), (kernels.NVFP4_MM_MAX_ROWS, 64)]
 
@@ -318,25 +320,30 @@ def test_without_the_kernel_nvfp4_says_so_once_and_computes_with_torch_ops(monke
         y = F.linear(x, codes, scales, ts)
         F.dequantize(codes, scales, ts)
         rounded = F.fake_quantize_per_token(x)
-    assert torch.equal(y, x @ F.dequantize_lookup(codes, scales, ts).T)
     assert torch.equal(rounded, F.fake_quantize_per_token_torch(x))
+    assert torch.equal(y, rounded @ F.dequantize_lookup(codes, scales, ts).T)
     warnings = [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
     assert len(warnings) == 1 and "c++: not found" in warnings[0]
 
 
-def test_the_scalar_loops_compute_what_the_avx512_ones_do(kernel, tmp_path, monkeypatch):
-    """The kernel built without its AVX-512 code (what a CPU without AVX-512 runs) under another op namespace."""
+@pytest.mark.parametrize("variant", ["scalar", "no_vnni"])
+def test_the_kernels_other_code_paths_compute_the_same(kernel, tmp_path, monkeypatch, variant):
+    """The kernel built without its AVX-512 code (what a CPU without AVX-512 runs), or without the VNNI
+    product (AVX-512 alone), under another op namespace."""
     from lowbit import kernels
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    kernels.build_nvfp4_extension("lowbit_nvfp4_scalar", ("LOWBIT_NVFP4_SCALAR", "LOWBIT_NVFP4_LIBRARY=lowbit_nvfp4_scalar"))
-    scalar = torch.ops.lowbit_nvfp4_scalar
+    name = f"lowbit_nvfp4_{variant}"
+    kernels.build_nvfp4_extension(name, ("LOWBIT_NVFP4_" + variant.upper(), f"LOWBIT_NVFP4_LIBRARY={name}"))
+    other = getattr(torch.ops, name)
     codes, scales = _random_weight(24, 16 * 5)
     ts = torch.tensor(0.3)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(scalar.dequantize(codes, scales, ts, dtype).view(torch.uint8),
+        assert torch.equal(other.dequantize(codes, scales, ts, dtype).view(torch.uint8),
                            kernel.dequantize(codes, scales, ts, dtype).view(torch.uint8))
         x = _activations((3, 16 * 5), dtype)
-        assert torch.equal(scalar.round_per_token(x).view(torch.uint8), kernel.round_per_token(x).view(torch.uint8))
-    x = torch.randn(3, 16 * 5)
-    assert torch.allclose(scalar.mm(x, codes, scales, ts), kernel.mm(x, codes, scales, ts), rtol=1e-5, atol=1e-5)
+        assert torch.equal(other.round_per_token(x).view(torch.uint8), kernel.round_per_token(x).view(torch.uint8))
+    x = _activations((3, 16 * 5), torch.float32)
+    exact = _exact_layer(x, codes, scales, ts)
+    for y in (other.mm(x, codes, scales, ts), kernel.mm(x, codes, scales, ts)):
+        assert ((y.double() - exact).abs() <= exact.abs().amax(-1, keepdim=True) * 1e-5).all()

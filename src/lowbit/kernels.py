@@ -242,7 +242,7 @@ NVFP4_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "nvfp4_cpu.cpp")
 # Up to this many rows (decode steps, small batches) the NVFP4 kernel's product reads the packed weight;
 # beyond it, dequantizing the weight once and one float GEMM is faster (scripts/kernel_benchmark.py --rows
 # 1 4 8: "nvfp4" against "nvfp4 dequant")
-NVFP4_MM_MAX_ROWS = 4
+NVFP4_MM_MAX_ROWS = 8
 _nvfp4_built = None  # None: not tried yet; then whether torch.ops.lowbit_nvfp4 is loaded
 
 

@@ -527,12 +527,13 @@ class Nvfp4Linear(Int8Runtime):
             x = x / self.smooth_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_weight is None:
-            y = nvfp4.linear(nvfp4.fake_quantize_per_token(x), self.qweight, self.block_scales, self.tensor_scale, bias)
+            y = nvfp4.linear(x, self.qweight, self.block_scales, self.tensor_scale, bias)
         else:
             y = _int8_product(self, x)
             y = y if bias is None else y + bias
-        if self.rank:
-            y = y + nn.functional.linear(nn.functional.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        if self.rank:  # y + (x·lora_downᵀ)·lora_upᵀ, the addition inside the second GEMM
+            down = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.lora_down.to(x.dtype))
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), down, self.lora_up.to(x.dtype).t()).view(y.shape)
         return y
 
     def quantizes_input_like(self, other: "Nvfp4Linear") -> bool:

@@ -116,18 +116,20 @@ def dequantize_lookup(codes_packed: torch.Tensor, block_scales: torch.Tensor, te
 
 def linear(x: torch.Tensor, codes_packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] times the NVFP4 weight [N, K] transposed (+ bias). Up to `kernels.NVFP4_MM_MAX_ROWS` rows
-    on the CPU (a decode step), lowbit's kernel reads the packed codes (4.5 bits per weight, where a
-    dequantized copy would be read at 16) and sums in float32 from the weight's exact values; otherwise
-    the weight is dequantized to x's dtype and one GEMM runs (the two agree to float32 summation order
-    and the weight's rounding to x's dtype)."""
+    """x [..., K] rounded through NVFP4 per token (`fake_quantize_per_token`), times the NVFP4 weight [N, K]
+    transposed (+ bias): a simulated NVFP4 layer. Up to `kernels.NVFP4_MM_MAX_ROWS` rows on the CPU (a
+    decode step), one call of lowbit's kernel, which reads the packed codes (4.5 bits per weight, where a
+    dequantized copy would be read at 16) and sums the exact products of both operands' NVFP4 values in
+    float32; otherwise the rounded input, in x's dtype, times the weight dequantized to x's dtype in one
+    GEMM. The two agree up to float32 summation order and the rounding of both operands to x's dtype."""
     rows = x.numel() // x.shape[-1]
     if (rows <= kernels.NVFP4_MM_MAX_ROWS and x.dtype in _KERNEL_DTYPES
             and kernels.nvfp4_kernel_takes(codes_packed, block_scales)):
         y = torch.ops.lowbit_nvfp4.mm(x.reshape(rows, x.shape[-1]), codes_packed, block_scales, tensor_scale.float())
         y = y.view(*x.shape[:-1], codes_packed.shape[0])
         return y if bias is None else y + bias
-    return torch.nn.functional.linear(x, dequantize(codes_packed, block_scales, tensor_scale, x.dtype), bias)
+    return torch.nn.functional.linear(fake_quantize_per_token(x), dequantize(codes_packed, block_scales, tensor_scale,
+                                                                             x.dtype), bias)
 
 
 def fake_quantize(x: torch.Tensor) -> torch.Tensor:
