@@ -239,6 +239,12 @@ LOWBIT_AVX512 void dequantize_rows_avx512(const uint8_t* codes, const uint8_t* s
     }
 }
 
+// 16 values e · scale · ts, rounded once to T.
+template <typename T>
+LOWBIT_AVX512 void store_scaled16(T* out, const float* e, float scale, float ts) {
+  store16(out, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(e), _mm512_set1_ps(scale)), _mm512_set1_ps(ts)));
+}
+
 // quantize_row (above), 16 values at a time.
 template <typename T>
 LOWBIT_AVX512 float quantize_row_avx512(const T* x, int64_t K, float* e2m1, float* block_scale) {
@@ -460,8 +466,21 @@ void round_typed(const at::Tensor& x, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1);
   const QuantizedRows q = quantize_rows<T>(x.const_data_ptr<T>(), M, K);
   T* op = out.mutable_data_ptr<T>();
-  for (int64_t i = 0; i < M * K; ++i)  // (e2m1 · block scale) · tensor scale, rounded once to T
-    store(op + i, q.e2m1[i] * q.block_scale[i / kBlock] * q.tensor_scale[i / K]);
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < K / kBlock; ++b) {  // (e2m1 · block scale) · tensor scale, rounded once to T
+        const float* e = q.e2m1.data() + m * K + b * kBlock;
+        const float scale = q.block_scale[m * K / kBlock + b], ts = q.tensor_scale[m];
+        T* o = op + m * K + b * kBlock;
+#ifdef LOWBIT_X86
+        if (has_avx512()) {
+          store_scaled16(o, e, scale, ts);
+          continue;
+        }
+#endif
+        for (int i = 0; i < kBlock; ++i) store(o + i, e[i] * scale * ts);
+      }
+  });
 }
 
 const uint8_t* scale_bytes(const at::Tensor& scales) { return reinterpret_cast<const uint8_t*>(scales.const_data_ptr()); }
