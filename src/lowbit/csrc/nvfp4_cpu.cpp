@@ -44,7 +44,8 @@ const ScaleTable kScales;
 
 bool has_avx512() {
 #ifdef LOWBIT_X86
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
   return yes;
 #else
   return false;
@@ -53,7 +54,7 @@ bool has_avx512() {
 
 bool has_vnni() {
 #if defined(LOWBIT_X86) && !defined(LOWBIT_NVFP4_NO_VNNI)
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
   return yes;
 #else
   return false;
