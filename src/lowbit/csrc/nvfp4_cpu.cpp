@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -138,6 +139,25 @@ float quantize_row(const T* x, int64_t K, float* e2m1, float* block_scale) {
   return ts;
 }
 
+// Calls tile(m0, rows) over the M input rows in tiles of up to kMaxRows, `rows` a compile-time constant
+// (std::integral_constant), so that the tile functions keep their accumulators in registers.
+template <typename Tile>
+void for_row_tiles(int64_t M, Tile&& tile) {
+  static_assert(kMaxRows == 8, "the cases below");
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min(kMaxRows, M - m0)) {
+      case 1: tile(m0, std::integral_constant<int, 1>{}); break;
+      case 2: tile(m0, std::integral_constant<int, 2>{}); break;
+      case 3: tile(m0, std::integral_constant<int, 3>{}); break;
+      case 4: tile(m0, std::integral_constant<int, 4>{}); break;
+      case 5: tile(m0, std::integral_constant<int, 5>{}); break;
+      case 6: tile(m0, std::integral_constant<int, 6>{}); break;
+      case 7: tile(m0, std::integral_constant<int, 7>{}); break;
+      default: tile(m0, std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
+
 #ifdef LOWBIT_X86
 // ---- AVX-512 -------------------------------------------------------------------------------------
 #define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -203,26 +223,6 @@ LOWBIT_AVX512 void mm_tile_avx512(const float* x, const uint8_t* codes, const ui
       for (int r = 0; r < R; ++r) even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + b * kBlock), even[r]);
     }
     for (int r = 0; r < R; ++r) store(y + r * N + n, _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) * tensor_scale);
-  }
-}
-
-template <typename T>
-LOWBIT_AVX512 void mm_rows_avx512(const float* x, const uint8_t* codes, const uint8_t* scales, float tensor_scale,
-                                  T* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  static_assert(kMaxRows == 8, "the tiles below");
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const float* xm = x + m0 * K;
-    T* ym = y + m0 * N;
-    switch (std::min(kMaxRows, M - m0)) {
-      case 1: mm_tile_avx512<T, 1>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 2: mm_tile_avx512<T, 2>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 3: mm_tile_avx512<T, 3>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 4: mm_tile_avx512<T, 4>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 5: mm_tile_avx512<T, 5>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 6: mm_tile_avx512<T, 6>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 7: mm_tile_avx512<T, 7>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      default: mm_tile_avx512<T, 8>(xm, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-    }
   }
 }
 
@@ -363,26 +363,6 @@ LOWBIT_VNNI void mm_tile_vnni(const VnniInput* in, const uint8_t* codes, const u
   }
 }
 
-template <typename T>
-LOWBIT_VNNI void mm_rows_vnni(const VnniInput* in, const uint8_t* codes, const uint8_t* scales, float tensor_scale,
-                              T* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  static_assert(kMaxRows == 8, "the tiles below");
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const VnniInput* im = in + m0;
-    T* ym = y + m0 * N;
-    switch (std::min(kMaxRows, M - m0)) {
-      case 1: mm_tile_vnni<T, 1>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 2: mm_tile_vnni<T, 2>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 3: mm_tile_vnni<T, 3>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 4: mm_tile_vnni<T, 4>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 5: mm_tile_vnni<T, 5>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 6: mm_tile_vnni<T, 6>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      case 7: mm_tile_vnni<T, 7>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-      default: mm_tile_vnni<T, 8>(im, codes, scales, tensor_scale, ym, N, K, n0, n1); break;
-    }
-  }
-}
-
 #endif  // LOWBIT_X86
 
 // ---- ops -----------------------------------------------------------------------------------------
@@ -433,7 +413,9 @@ void mm_typed(const at::Tensor& x, const uint8_t* c, const uint8_t* s, float ts,
     for (int64_t m = 0; m < M; ++m)
       prepare_vnni_input(q.e2m1.data() + m * K, q.block_scale.data() + m * K / kBlock, q.tensor_scale[m], K, in[m]);
     at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-      mm_rows_vnni<T>(in.data(), c, s, ts, yp, M, N, K, n0, n1);
+      for_row_tiles(M, [&](int64_t m0, auto rows) {
+        mm_tile_vnni<T, decltype(rows)::value>(in.data() + m0, c, s, ts, yp + m0 * N, N, K, n0, n1);
+      });
     });
     return;
   }
@@ -444,7 +426,10 @@ void mm_typed(const at::Tensor& x, const uint8_t* c, const uint8_t* s, float ts,
       values[m * K + k] = q.e2m1[m * K + k] * q.block_scale[(m * K + k) / kBlock] * q.tensor_scale[m];
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
 #ifdef LOWBIT_X86
-    if (has_avx512()) return mm_rows_avx512<T>(values.data(), c, s, ts, yp, M, N, K, n0, n1);
+    if (has_avx512())
+      return for_row_tiles(M, [&](int64_t m0, auto rows) {
+        mm_tile_avx512<T, decltype(rows)::value>(values.data() + m0 * K, c, s, ts, yp + m0 * N, N, K, n0, n1);
+      });
 #endif
     mm_rows_scalar<T>(values.data(), c, s, ts, yp, M, N, K, n0, n1);
   });
