@@ -402,6 +402,26 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   return q;
 }
 
+// The rows' NVFP4 values, (e2m1 · block scale) · tensor scale, each rounded once to Out.
+template <typename Out>
+void write_values(const QuantizedRows& q, int64_t M, int64_t K, Out* out) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < K / kBlock; ++b) {
+        const float* e = q.e2m1.data() + m * K + b * kBlock;
+        const float scale = q.block_scale[m * K / kBlock + b], ts = q.tensor_scale[m];
+        Out* o = out + m * K + b * kBlock;
+#ifdef LOWBIT_X86
+        if (has_avx512()) {
+          store_scaled16(o, e, scale, ts);
+          continue;
+        }
+#endif
+        for (int i = 0; i < kBlock; ++i) store(o + i, e[i] * scale * ts);
+      }
+  });
+}
+
 template <typename T>
 void mm_typed(const at::Tensor& x, const uint8_t* c, const uint8_t* s, float ts, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
@@ -421,9 +441,7 @@ void mm_typed(const at::Tensor& x, const uint8_t* c, const uint8_t* s, float ts,
   }
 #endif
   std::vector<float> values(M * K);  // the input's NVFP4 values, in float32
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k)
-      values[m * K + k] = q.e2m1[m * K + k] * q.block_scale[(m * K + k) / kBlock] * q.tensor_scale[m];
+  write_values<float>(q, M, K, values.data());
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
 #ifdef LOWBIT_X86
     if (has_avx512())
@@ -450,23 +468,7 @@ void dequantize_typed(const uint8_t* c, const uint8_t* s, float ts, at::Tensor& 
 template <typename T>
 void round_typed(const at::Tensor& x, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1);
-  const QuantizedRows q = quantize_rows<T>(x.const_data_ptr<T>(), M, K);
-  T* op = out.mutable_data_ptr<T>();
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t b = 0; b < K / kBlock; ++b) {  // (e2m1 · block scale) · tensor scale, rounded once to T
-        const float* e = q.e2m1.data() + m * K + b * kBlock;
-        const float scale = q.block_scale[m * K / kBlock + b], ts = q.tensor_scale[m];
-        T* o = op + m * K + b * kBlock;
-#ifdef LOWBIT_X86
-        if (has_avx512()) {
-          store_scaled16(o, e, scale, ts);
-          continue;
-        }
-#endif
-        for (int i = 0; i < kBlock; ++i) store(o + i, e[i] * scale * ts);
-      }
-  });
+  write_values<T>(quantize_rows<T>(x.const_data_ptr<T>(), M, K), M, K, out.mutable_data_ptr<T>());
 }
 
 const uint8_t* scale_bytes(const at::Tensor& scales) { return reinterpret_cast<const uint8_t*>(scales.const_data_ptr()); }
